@@ -1,0 +1,508 @@
+"""The shard format: Arrow IPC files, one record batch per sample, memory-mapped on read.
+
+Why this layout (figures from `specmill shards bench`, see README): an uncompressed Arrow
+IPC file is the sample's bytes plus a small footer, so a memory-mapped read hands torch
+the hidden states without a copy or a decode step, and `get_batch(i)` makes random access
+cost the same as sequential. Parquet decodes pages (slower), compression is
+CPU-bound on small machines, and a file per sample (what existing tools do) costs a
+syscall storm and an unpicklable inode count.
+
+Tensor columns are `large_binary` holding the raw little-endian bytes of one tensor; the
+field metadata names its dtype and shape, so `pyarrow` alone can read a shard.
+
+    sample_id          utf8          stable hash of (conversation, generation settings)
+    source_index       int64         row index in the source data set
+    num_tokens         int32         T
+    input_ids          int32 [T]
+    loss_mask          uint8 [T]     1 on the tokens the draft learns
+    aux_hidden_states  dtype [T,3,H] the three auxiliary layers (see manifest convention)
+    last_hidden_state  dtype [T,H]   the last layer (pre or post final norm, see manifest)
+    position_ids       int32 [3,T]   optional: multimodal (mRoPE) positions
+    modality_spans     utf8          optional: JSON [[kind, start, end), ...] placeholder spans
+    temperature        float32       optional: sampling temperature of the answer
+    finish_reason      utf8          optional: 'stop' / 'length' of the last answer
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from shared.manifest import (
+    MANIFEST_NAME,
+    DatasetHeader,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    fsync_dir,
+    load_manifest,
+    save_manifest,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("specmill.shards")
+
+SHARD_SUFFIX = ".arrow"
+DEFAULT_SHARD_BYTES = 256 << 20
+TENSOR_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state", "position_ids")
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, truncated, corrupt or does not match its manifest."""
+
+
+def shard_schema(header: DatasetHeader) -> pa.Schema:
+    def tensor(name: str, dtype: str, shape: str, nullable: bool = False) -> pa.Field:
+        return pa.field(name, pa.large_binary(), nullable=nullable,
+                        metadata={"dtype": dtype, "shape": shape})
+
+    h, dt = header.hidden_size, header.dtype
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.utf8(), nullable=False),
+            pa.field("source_index", pa.int64(), nullable=False),
+            pa.field("num_tokens", pa.int32(), nullable=False),
+            tensor("input_ids", "int32", "[T]"),
+            tensor("loss_mask", "uint8", "[T]"),
+            tensor("aux_hidden_states", dt, f"[T,3,{h}]"),
+            tensor("last_hidden_state", dt, f"[T,{h}]"),
+            tensor("position_ids", "int32", "[3,T]", nullable=True),
+            pa.field("modality_spans", pa.utf8()),
+            pa.field("temperature", pa.float32()),
+            pa.field("finish_reason", pa.utf8()),
+        ],
+        metadata={"specmill.hidden_size": str(h), "specmill.dtype": dt},
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class Sample:
+    """One training sequence. Tensors are torch tensors (hidden states in the data set's dtype)."""
+
+    sample_id: str
+    source_index: int
+    input_ids: torch.Tensor  # [T] integer
+    loss_mask: torch.Tensor  # [T] 0/1
+    aux_hidden_states: torch.Tensor  # [T, 3, H]
+    last_hidden_state: torch.Tensor  # [T, H]
+    position_ids: torch.Tensor | None = None  # [3, T]
+    modality_spans: list[tuple[str, int, int]] = field(default_factory=list)
+    temperature: float | None = None
+    finish_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Appends samples to a data set directory, committing whole shards atomically.
+
+    A shard is written to a hidden temporary file, fsynced, hashed, renamed into place and
+    only then listed in the manifest (itself replaced atomically). Whatever a killed writer
+    left behind that the manifest does not list is deleted when the directory is opened
+    again, and `done_ids()` tells the caller which samples are already safe.
+    """
+
+    def __init__(self, directory: str | os.PathLike, header: DatasetHeader, *,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+        import torch
+
+        self._torch = torch
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shard_bytes = shard_bytes
+        self._torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[header.dtype]
+        if (self.dir / MANIFEST_NAME).exists():
+            self.manifest = load_manifest(self.dir)
+            bad = header.mismatches(self.manifest.header)
+            if bad:
+                raise ManifestError(
+                    f"{self.dir}: existing data set was made with other settings; use a new "
+                    f"directory or the same settings. Differences (new != existing): " + "; ".join(bad)
+                )
+            if self.manifest.complete:
+                raise ManifestError(f"{self.dir}: data set is already complete; nothing to append to")
+        else:
+            self.manifest = Manifest(header=header)
+            save_manifest(self.dir, self.manifest)
+        self.header = self.manifest.header
+        self.schema = shard_schema(self.header)
+        self._remove_unlisted_files()
+        self._next_index = 1 + max((_shard_number(s.file) for s in self.manifest.shards), default=-1)
+        self._open: _OpenShard | None = None
+
+    def done_ids(self) -> set[str]:
+        """Sample ids already committed in listed shards."""
+        ids: set[str] = set()
+        for info in self.manifest.shards:
+            table = ipc.open_file(pa.memory_map(str(self.dir / info.file))).read_all()
+            ids.update(table.column("sample_id").to_pylist())
+        return ids
+
+    def add(self, sample: Sample) -> None:
+        batch = self._to_batch(sample)
+        if self._open is None:
+            self._open = _OpenShard(self.dir, f"shard-{self._next_index:05d}{SHARD_SUFFIX}",
+                                    self.schema, self.header.target.vocab_size)
+            self._next_index += 1
+        self._open.write(batch, sample)
+        if self._open.bytes_written >= self.shard_bytes:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make every sample added so far durable and visible (no-op when none is pending)."""
+        if self._open is None:
+            return
+        info, counts = self._open.finish()
+        self._open = None
+        self.manifest.shards.append(info)
+        for token_id in np.flatnonzero(counts):
+            self.manifest.token_counts[int(token_id)] = (
+                self.manifest.token_counts.get(int(token_id), 0) + int(counts[token_id])
+            )
+        save_manifest(self.dir, self.manifest)
+        log.debug("committed %s (%d rows, %d tokens)", info.file, info.rows, info.tokens)
+
+    def close(self, *, complete: bool = True, info: dict | None = None) -> Manifest:
+        """Commit what is pending; mark the data set complete (no more appends) if asked."""
+        self.commit()
+        if info:
+            self.manifest.info.update(info)
+        self.manifest.complete = complete
+        save_manifest(self.dir, self.manifest)
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop the uncommitted shard (its samples will be produced again on resume)."""
+        if self._open is not None:
+            self._open.discard()
+            self._open = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    # -- internals
+
+    def _remove_unlisted_files(self) -> None:
+        listed = {s.file for s in self.manifest.shards}
+        for path in self.dir.iterdir():
+            stray_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+            stray_shard = path.name.endswith(SHARD_SUFFIX) and path.name not in listed
+            if stray_tmp or stray_shard:
+                log.info("removing %s: left by an interrupted writer, not in the manifest", path.name)
+                path.unlink()
+
+    def _to_batch(self, s: Sample) -> pa.RecordBatch:
+        torch = self._torch
+        where = f"sample {s.sample_id!r} (source_index {s.source_index})"
+        t = int(s.input_ids.shape[0]) if s.input_ids.dim() == 1 else -1
+        h = self.header.hidden_size
+        expect = {
+            "input_ids": ((t,), None),
+            "loss_mask": ((t,), None),
+            "aux_hidden_states": ((t, 3, h), self._torch_dtype),
+            "last_hidden_state": ((t, h), self._torch_dtype),
+        }
+        if t <= 0:
+            raise ValueError(f"{where}: field input_ids must be a non-empty 1-D tensor, "
+                             f"got shape {tuple(s.input_ids.shape)}")
+        if s.position_ids is not None:
+            expect["position_ids"] = ((3, t), None)
+        for name, (shape, dtype) in expect.items():
+            value = getattr(s, name)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{where}: field {name} has shape {tuple(value.shape)}, expected {shape}")
+            if dtype is not None and value.dtype != dtype:
+                raise ValueError(f"{where}: field {name} has dtype {value.dtype}, expected {dtype} "
+                                 f"(the data set's dtype is {self.header.dtype})")
+        ids = s.input_ids.to(torch.int64)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.header.target.vocab_size:
+            raise ValueError(f"{where}: field input_ids holds ids outside [0, {self.header.target.vocab_size})")
+        mask = s.loss_mask.to(torch.uint8)
+        if int(mask.max()) > 1:
+            raise ValueError(f"{where}: field loss_mask must hold only 0 and 1")
+        for kind, start, end in s.modality_spans:
+            if not (0 <= start < end <= t):
+                raise ValueError(f"{where}: field modality_spans has span ({kind}, {start}, {end}) outside [0, {t})")
+
+        def raw(x) -> pa.Array:  # one value, built on the tensor's bytes without a copy
+            data = pa.py_buffer(x.contiguous().view(torch.uint8).numpy())
+            offsets = pa.py_buffer(np.array([0, data.size], dtype=np.int64))
+            return pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, data])
+
+        pos = s.position_ids
+        return pa.record_batch(
+            [
+                pa.array([s.sample_id], pa.utf8()),
+                pa.array([s.source_index], pa.int64()),
+                pa.array([t], pa.int32()),
+                raw(s.input_ids.to(torch.int32)),
+                raw(mask),
+                raw(s.aux_hidden_states),
+                raw(s.last_hidden_state),
+                raw(pos.to(torch.int32)) if pos is not None else pa.nulls(1, pa.large_binary()),
+                pa.array([json.dumps(s.modality_spans) if s.modality_spans else None], pa.utf8()),
+                pa.array([s.temperature], pa.float32()),
+                pa.array([s.finish_reason], pa.utf8()),
+            ],
+            schema=self.schema,
+        )
+
+
+class _OpenShard:
+    """A shard being written under a temporary name."""
+
+    def __init__(self, directory: Path, name: str, schema: pa.Schema, vocab_size: int):
+        self.dir, self.name = directory, name
+        self.tmp = directory / f".{name}.{os.getpid()}.tmp"
+        self._sink = pa.OSFile(str(self.tmp), "wb")
+        self._writer = ipc.new_file(self._sink, schema)
+        self.rows = self.tokens = self.loss_tokens = self.bytes_written = 0
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+
+    def write(self, batch: pa.RecordBatch, sample: Sample) -> None:
+        self._writer.write_batch(batch)
+        self.rows += 1
+        self.tokens += batch.column("num_tokens")[0].as_py()
+        mask = sample.loss_mask.numpy().astype(bool)
+        self.loss_tokens += int(mask.sum())
+        np.add.at(self.counts, sample.input_ids.numpy()[mask].astype(np.int64), 1)
+        self.bytes_written = self._sink.tell()
+
+    def finish(self) -> tuple[ShardInfo, np.ndarray]:
+        self._writer.close()
+        self._sink.flush()
+        os.fsync(self._sink.fileno())
+        self._sink.close()
+        digest, size = _sha256(self.tmp)
+        os.replace(self.tmp, self.dir / self.name)
+        fsync_dir(self.dir)
+        info = ShardInfo(file=self.name, rows=self.rows, tokens=self.tokens,
+                         loss_tokens=self.loss_tokens, bytes=size, sha256=digest)
+        return info, self.counts
+
+    def discard(self) -> None:
+        self._writer.close()
+        self._sink.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Dataset:
+    """Random access to a shard data set: `len(ds)`, `ds[i]` -> dict of torch tensors.
+
+    Shards are memory-mapped and opened lazily (again after a fork, so loader workers get
+    their own maps); tensors are views of the mapped bytes, read-only, valid while the
+    data set is alive. Copy them (e.g. `.to(device)`) before writing into them.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.manifest = load_manifest(self.dir)
+        self.header = self.manifest.header
+        self._schema = shard_schema(self.header)
+        self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards]).tolist()
+        self._readers: dict[int, ipc.RecordBatchFileReader] = {}
+        self._pid = os.getpid()
+        import torch
+
+        self._torch = torch
+        self._hidden_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[self.header.dtype]
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a data set of {len(self)} samples")
+        index %= len(self)
+        shard = bisect.bisect_right(self._starts, index) - 1
+        batch = self._reader(shard).get_batch(index - self._starts[shard])
+        return self._decode(batch, shard, index)
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def sample_order(self, *, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                     worker: int = 0, num_workers: int = 1, shuffle: bool = True) -> np.ndarray:
+        """The indices this (rank, worker) reads in `epoch`: a seeded permutation, cut to a
+        multiple of `world_size` so every rank takes the same number of steps, then dealt
+        round-robin to ranks and, within a rank, to loader workers."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker must lie in [0, {num_workers}), got {worker}")
+        n = len(self)
+        order = (np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+                 if shuffle else np.arange(n))
+        order = order[: n - n % world_size]
+        return order[rank::world_size][worker::num_workers]
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every sample (for length bucketing), read from the small column only."""
+        out = [self._reader(k).read_all().column("num_tokens").to_numpy()
+               for k in range(len(self.manifest.shards))]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+
+    # -- internals
+
+    def _reader(self, shard: int) -> ipc.RecordBatchFileReader:
+        if os.getpid() != self._pid:  # forked: maps are not shared safely across processes
+            self._readers, self._pid = {}, os.getpid()
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = self._readers[shard] = open_shard(self.dir, self.manifest.shards[shard], self._schema)
+        return reader
+
+    def _decode(self, batch: pa.RecordBatch, shard: int, index: int) -> dict[str, object]:
+        torch = self._torch
+        t = batch.column("num_tokens")[0].as_py()
+        h = self.header.hidden_size
+        where = f"{self.manifest.shards[shard].file} sample {index}"
+
+        def tensor(name: str, dtype, shape: tuple[int, ...]):
+            buf = batch.column(name)[0].as_buffer()
+            expected = int(np.prod(shape)) * dtype.itemsize
+            if buf.size != expected:
+                raise ShardError(f"{self.dir / where}: field {name} holds {buf.size} bytes, "
+                                 f"expected {expected} for shape {shape} {dtype}")
+            with warnings.catch_warnings():  # the map is read-only; so are the tensors
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.frombuffer(memoryview(buf), dtype=dtype).view(shape)
+
+        out: dict[str, object] = {
+            "sample_id": batch.column("sample_id")[0].as_py(),
+            "source_index": batch.column("source_index")[0].as_py(),
+            "input_ids": tensor("input_ids", torch.int32, (t,)),
+            "loss_mask": tensor("loss_mask", torch.uint8, (t,)),
+            "aux_hidden_states": tensor("aux_hidden_states", self._hidden_dtype, (t, 3, h)),
+            "last_hidden_state": tensor("last_hidden_state", self._hidden_dtype, (t, h)),
+        }
+        if batch.column("position_ids")[0].is_valid:
+            out["position_ids"] = tensor("position_ids", torch.int32, (3, t))
+        spans = batch.column("modality_spans")[0].as_py()
+        out["modality_spans"] = [tuple(s) for s in json.loads(spans)] if spans else []
+        out["temperature"] = batch.column("temperature")[0].as_py()
+        out["finish_reason"] = batch.column("finish_reason")[0].as_py()
+        return out
+
+
+def open_shard(directory: Path, info: ShardInfo, schema: pa.Schema) -> ipc.RecordBatchFileReader:
+    """Open a listed shard, checking what is cheap to check: size, footer, schema, rows."""
+    path = directory / info.file
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ShardError(f"{path}: listed in the manifest but missing") from None
+    if size != info.bytes:
+        raise ShardError(f"{path}: {size} bytes on disk, manifest says {info.bytes} (truncated or replaced)")
+    try:
+        reader = ipc.open_file(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{path}: not a readable Arrow IPC file ({e})") from None
+    if not reader.schema.equals(schema, check_metadata=True):
+        raise ShardError(f"{path}: schema does not match the manifest "
+                         f"(file has hidden_size={reader.schema.metadata.get(b'specmill.hidden_size')}, "
+                         f"dtype={reader.schema.metadata.get(b'specmill.dtype')})")
+    if reader.num_record_batches != info.rows:
+        raise ShardError(f"{path}: {reader.num_record_batches} samples, manifest says {info.rows}")
+    return reader
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+@dataclass(kw_only=True, slots=True)
+class VerifyReport:
+    directory: Path
+    shards_ok: int = 0
+    samples: int = 0
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def verify(directory: str | os.PathLike, *, progress: bool = False) -> VerifyReport:
+    """Check every shard's checksum, every sample's shapes, ids and the manifest's totals."""
+    from tqdm import tqdm
+
+    directory = Path(directory)
+    report = VerifyReport(directory=directory)
+    try:
+        manifest = load_manifest(directory)
+    except ManifestError as e:
+        report.errors.append(str(e))
+        return report
+    ds = Dataset(directory)
+    schema = shard_schema(manifest.header)
+    seen: dict[str, str] = {}
+    counts = np.zeros(manifest.header.target.vocab_size, dtype=np.int64)
+    start = 0
+    for info in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
+        path = directory / info.file
+        shard_start, start = start, start + info.rows
+        try:
+            open_shard(directory, info, schema)
+            digest, _ = _sha256(path)
+            if digest != info.sha256:
+                raise ShardError(f"{path}: sha256 {digest[:16]}... != manifest {info.sha256[:16]}... (corrupt)")
+            tokens = loss_tokens = 0
+            for i in range(shard_start, shard_start + info.rows):
+                sample = ds[i]
+                if sample["sample_id"] in seen:
+                    raise ShardError(f"{path}: sample {sample['sample_id']!r} also in {seen[sample['sample_id']]}")
+                seen[sample["sample_id"]] = info.file
+                mask = sample["loss_mask"].numpy().astype(bool)
+                tokens += mask.size
+                loss_tokens += int(mask.sum())
+                np.add.at(counts, sample["input_ids"].numpy()[mask].astype(np.int64), 1)
+            if (tokens, loss_tokens) != (info.tokens, info.loss_tokens):
+                raise ShardError(f"{path}: holds {tokens} tokens ({loss_tokens} loss-masked), "
+                                 f"manifest says {info.tokens} ({info.loss_tokens})")
+        except ShardError as e:
+            report.errors.append(str(e))
+            continue
+        report.shards_ok += 1
+        report.samples += info.rows
+        report.tokens += info.tokens
+    if not report.errors:
+        listed = {i: c for i, c in manifest.token_counts.items()}
+        actual = {int(i): int(counts[i]) for i in np.flatnonzero(counts)}
+        if listed != actual:
+            report.errors.append(f"{directory / MANIFEST_NAME}: token_counts do not match the shards' loss-masked tokens")
+    return report
+
+
+def _shard_number(name: str) -> int:
+    return int(name.removeprefix("shard-").removesuffix(SHARD_SUFFIX))
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return digest.hexdigest(), f.tell()
