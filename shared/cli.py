@@ -25,7 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from shared.shards import ShardError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, ShardError, FileNotFoundError) as e:
+        # Bad input (config, data set, paths): one clear line, no traceback (-v shows it).
+        if args.verbose:
+            raise
+        print(f"specmill: error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = ssub.add_parser("bench", help="compare storage layouts against this machine's limits")
     _add_bench_args(p)
+
+    p = sub.add_parser("demo", help="run the whole system end to end on the embedded default")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where artifacts go")
+    p.add_argument("--samples", type=int, default=None, help="how many samples (scales the demo)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from shared.demo import DemoConfig, run_demo
+
+    given = {"samples": args.samples} if args.samples is not None else {}
+    return run_demo(DemoConfig(workdir=args.workdir, **given))
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
