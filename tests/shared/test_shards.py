@@ -254,3 +254,13 @@ def test_loader_workers_read_the_same_bytes_after_fork(small_ds):
     )
     assert list(loader) == expected
     assert ds[3]["aux_hidden_states"].float().sum().item() == expected[3]
+
+
+def test_tensors_are_views_of_the_map_and_writes_never_reach_the_file(small_ds):
+    ds = Dataset(small_ds)
+    a, b = ds[0]["aux_hidden_states"], ds[0]["aux_hidden_states"]
+    assert a.data_ptr() == b.data_ptr(), "two reads of one sample should view the same mapped bytes"
+    before = a.float().sum().item()
+    a.add_(1)  # a caller's in-place op: private to this process
+    assert Dataset(small_ds)[0]["aux_hidden_states"].float().sum().item() == before
+    assert verify(small_ds).ok

@@ -1,0 +1,68 @@
+"""`specmill shards bench` on a tiny real data set, through the real command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared import bench
+from shared.cli import main
+
+TINY = ["--samples", "8", "--hidden", "256", "--mean-tokens", "128", "--no-cold", "--warm-passes", "2",
+        "--random-seconds", "0.05", "--disk-probe-mb", "16"]
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["shards", "bench", "--dir", str(out), "--json", str(out / "bench.json"), *TINY]) == 0
+    figures = json.loads((out / "bench.json").read_text())
+    figures["_png"] = (out / "bench.png").read_bytes()
+    figures["_left"] = sorted(p.name for p in out.iterdir())
+    return figures
+
+
+def test_every_format_reports_positive_figures(figures):
+    assert list(figures["formats"]) == list(bench.FORMATS)
+    for name, f in figures["formats"].items():
+        for key in ("write_mbps", "bytes_per_token", "warm_mbps", "warm_memcpy_mbps", "random_samples_per_s"):
+            assert f[key] > 0, (name, key)
+        assert f["cold_mbps"] is None, name  # --no-cold
+    assert figures["limits"]["memcpy_mbps"] > 0 and figures["limits"]["disk_read_mbps"] > 0
+
+
+def test_uncompressed_shipped_format_costs_the_raw_bytes(figures):
+    shipped = figures["formats"][bench.SHIPPED]
+    assert shipped["bytes_vs_raw"] == pytest.approx(1.0, abs=0.03)
+    assert shipped["bytes_per_token"] == pytest.approx(figures["data"]["raw_bytes_per_token"], rel=0.03)
+
+
+def test_zstd_layouts_are_smaller_than_uncompressed(figures):
+    size = {name: f["bytes"] for name, f in figures["formats"].items()}
+    assert size["arrow-ipc-zstd"] < size["arrow-ipc"]
+    assert size["parquet-zstd"] < size["parquet"]
+    # byte-stream-split puts the compressible exponent bytes together
+    assert size["parquet-bss-zstd"] < size["parquet-zstd"]
+
+
+def test_shipped_ratios_are_computed_from_the_reported_figures(figures):
+    shipped, baseline = figures["formats"][bench.SHIPPED], figures["formats"][bench.BASELINE]
+    assert shipped["warm_memcpy_mbps"] in figures["limits"]["memcpy_passes_mbps"]
+    assert shipped["warm_read_ratio"] == pytest.approx(shipped["warm_mbps"] / shipped["warm_memcpy_mbps"])
+    assert shipped["speedup_vs_torch_save"] == pytest.approx(shipped["warm_mbps"] / baseline["warm_mbps"])
+    assert shipped["cold_read_ratio"] is None  # no cold reads, no ratio
+    verdict = figures["verdict"]
+    assert verdict["warm_read_ratio"] == {"value": shipped["warm_read_ratio"], "goal": 0.8,
+                                          "pass": shipped["warm_read_ratio"] >= 0.8}
+    assert verdict["cold_read_ratio"]["pass"] is None
+
+
+def test_writes_a_chart_and_cleans_up_its_scratch_directory(figures):
+    assert figures["_png"].startswith(b"\x89PNG")
+    assert figures["_left"] == ["bench.json", "bench.png"]
+
+
+def test_unknown_format_is_rejected_by_name():
+    with pytest.raises(ValueError, match="formats has unknown 'hdf5'; choose from arrow-ipc"):
+        bench.BenchConfig(formats=("parquet", "hdf5"), cold=False)
