@@ -81,6 +81,13 @@ class VllmServer:
         return f"http://{self.config.host}:{self.port}"
 
     @property
+    def pid(self) -> int:
+        """The API server's pid, which is also its process group id."""
+        if self._proc is None:
+            raise VllmServerError("the server is not running")
+        return self._proc.pid
+
+    @property
     def model_name(self) -> str:
         """What to send as `model` in requests."""
         return self.config.served_model_name or str(self.config.model)

@@ -1,0 +1,588 @@
+"""A factory job: prompts in, a finished shard data set out, under Ray, exactly once.
+
+    read (driver, lazy) -> resample + render (async actor) -> capture (actor holding the
+    target) -> write (driver: the single writer)
+
+`build_pipeline()` is the only place stages are wired. The driver reads the input lazily
+and keeps at most `ray.max_in_flight` samples between read and write (`ray.wait` is the
+back-pressure), so memory stays bounded however large the input is. Ray restarts a
+killed actor and retries its in-flight tasks (`ray.actor_max_restarts`).
+
+Exactly once. Every sample has an id: the hash of its source chat and the generation
+settings. The driver alone writes: samples go to `ShardWriter`, rows that cannot be used
+to quarantine records, and both are committed together: the quarantine records of a
+commit are written as `quarantine-NNNNN.jsonl` (temporary file, fsync, rename), then the
+manifest, listing the new shard and the new quarantine file in one atomic replace, makes
+both visible. Whatever a killed driver left that the manifest does not list is deleted on
+restart; the samples in the shards (`done_ids`) and the quarantined rows (by file and row)
+are skipped, and the rest is done again. A source chat that appears twice is one sample:
+its later rows are quarantined as duplicates of the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factory.inputs import InputError, SourceRow, count_rows, normalize, read_rows
+from factory.job import JobConfig, JobConfigError, OutputConfig
+from factory.render import RenderedRow, conversation_id
+from factory.resample import Outcome, Prompt
+from shared.manifest import DatasetHeader, ManifestError, atomic_write_bytes, load_manifest, save_manifest
+from shared.shards import Sample, ShardWriter
+
+log = logging.getLogger("specmill.factory.pipeline")
+
+QUARANTINE_PREFIX = "quarantine-"
+QUARANTINE_SUFFIX = ".jsonl"
+PROGRESS_NAME = "progress.json"
+JOB_NAME = "job.json"
+
+
+class FactoryError(RuntimeError):
+    """The job stopped (a server or an actor failed past its retries); what was committed stays, and
+    running the same job again resumes it."""
+
+
+# --------------------------------------------------------------------------- quarantine + shards
+
+
+@dataclass(kw_only=True, slots=True)
+class QuarantineRecord:
+    file: str
+    row: int
+    index: int  # position in the whole input
+    stage: str  # read | resample | render
+    reason: str
+    sample_id: str | None = None
+
+
+class JobOutput:
+    """The single writer: shards and quarantine records, committed together (see the module
+    docstring). `done_ids()` and `quarantined()` say what a restarted job must skip."""
+
+    def __init__(self, config: OutputConfig, header: DatasetHeader, generation: dict[str, Any]):
+        self.dir = config.dir
+        self.writer = ShardWriter(self.dir, header, shard_bytes=config.shard_bytes)
+        info = self.writer.manifest.info
+        if info.get("generation", generation) != generation:
+            raise FactoryError(f"{self.dir} was started with other generation settings ({info['generation']}, now "
+                               f"{generation}); use a new output.dir or the same settings")
+        info["generation"] = generation
+        info.setdefault("quarantine", {"files": [], "rows": 0, "by_stage": {}})
+        self._remove_unlisted_quarantine()
+        save_manifest(self.dir, self.writer.manifest)
+        self._pending: list[QuarantineRecord] = []
+        self.uncommitted = 0
+
+    @property
+    def manifest(self):
+        return self.writer.manifest
+
+    def done_ids(self) -> set[str]:
+        return self.writer.done_ids()
+
+    def quarantined(self) -> set[tuple[str, int]]:
+        """(file, row) of every committed quarantine record."""
+        seen = set()
+        for entry in self.manifest.info["quarantine"]["files"]:
+            with open(self.dir / entry["file"]) as f:
+                for line in f:
+                    record = json.loads(line)
+                    seen.add((record["file"], record["row"]))
+        return seen
+
+    def add(self, sample: Sample) -> None:
+        self.writer.add(sample)
+        self.uncommitted += 1
+
+    def quarantine(self, record: QuarantineRecord) -> None:
+        self._pending.append(record)
+        self.uncommitted += 1
+
+    def commit(self) -> None:
+        """Make every sample and quarantine record so far durable, in one manifest replace."""
+        summary = self.manifest.info["quarantine"]
+        if self._pending:
+            name = f"{QUARANTINE_PREFIX}{len(summary['files']):05d}{QUARANTINE_SUFFIX}"
+            lines = "".join(json.dumps({"file": r.file, "row": r.row, "index": r.index, "sample_id": r.sample_id,
+                                        "stage": r.stage, "reason": r.reason}) + "\n" for r in self._pending)
+            atomic_write_bytes(self.dir / name, lines.encode())
+            summary["files"].append({"file": name, "rows": len(self._pending)})
+            summary["rows"] += len(self._pending)
+            stages = Counter(summary["by_stage"]) + Counter(r.stage for r in self._pending)
+            summary["by_stage"] = dict(sorted(stages.items()))
+            self._pending = []
+        # With a shard pending, ShardWriter.commit lists it and the quarantine file above in one
+        # manifest replace; without one it does nothing, and the save below lists the file.
+        self.writer.commit()
+        save_manifest(self.dir, self.manifest)
+        self.uncommitted = 0
+
+    def close(self, info: dict[str, Any]) -> None:
+        self.commit()
+        self.writer.close(complete=True, info=info)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def _remove_unlisted_quarantine(self) -> None:
+        listed = {e["file"] for e in self.manifest.info["quarantine"]["files"]}
+        for path in self.dir.glob(f"{QUARANTINE_PREFIX}*{QUARANTINE_SUFFIX}"):
+            if path.name not in listed:
+                log.info("removing %s: left by an interrupted job, not in the manifest", path.name)
+                path.unlink()
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@dataclass(kw_only=True, slots=True)
+class Progress:
+    """Counts per stage, shown with tqdm and rewritten atomically to progress.json."""
+
+    path: Path
+    total: int  # input rows this job covers
+    show: bool = True
+    started: float = field(default_factory=time.monotonic)
+    skipped: int = 0  # done by an earlier run
+    read: int = 0
+    resampled: int = 0
+    generated_tokens: int = 0
+    captured: int = 0
+    captured_tokens: int = 0
+    written: int = 0
+    quarantined: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+    _bar: Any = None
+    _last_write: float = 0.0
+
+    def __post_init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.total, desc="factory", unit="sample", disable=not self.show, dynamic_ncols=True)
+
+    def tick(self, *, force: bool = False) -> None:
+        done = self.skipped + self.written + self.quarantined
+        self._bar.n = done
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        self._bar.set_postfix_str(f"gen {self.generated_tokens / elapsed:.0f} tok/s, captured {self.captured}, "
+                                  f"quarantined {self.quarantined}", refresh=False)
+        self._bar.refresh()
+        if force or time.monotonic() - self._last_write >= 2.0:
+            self._last_write = time.monotonic()
+            atomic_write_bytes(self.path, json.dumps(self.snapshot(), indent=1).encode())
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.started
+        done_here = self.written + self.quarantined
+        remaining = self.total - self.skipped - done_here
+        rate = done_here / elapsed if elapsed > 0 else 0.0
+        per_s = lambda n: round(n / elapsed, 2) if elapsed > 0 else 0.0  # noqa: E731
+        return {
+            "total": self.total, "done": self.skipped + done_here, "skipped_already_done": self.skipped,
+            "elapsed_s": round(elapsed, 1), "eta_s": round(remaining / rate, 1) if rate > 0 else None,
+            "stages": {
+                "read": {"samples": self.read, "per_s": per_s(self.read)},
+                "resample": {"samples": self.resampled, "generated_tokens": self.generated_tokens,
+                             "tokens_per_s": per_s(self.generated_tokens)},
+                "capture": {"samples": self.captured, "tokens": self.captured_tokens,
+                            "tokens_per_s": per_s(self.captured_tokens)},
+                "write": {"samples": self.written, "per_s": per_s(self.written)},
+                "quarantine": {"samples": self.quarantined},
+            },
+            "finish_reasons": dict(self.finish_reasons),
+        }
+
+    def close(self) -> None:
+        self.tick(force=True)
+        self._bar.close()
+
+
+# --------------------------------------------------------------------------- actors
+
+
+class _ResampleActor:
+    """Ray wrapper of `ResampleStage` (async: one actor keeps many requests in flight)."""
+
+    def __init__(self, job: JobConfig, urls: list[str], server_names: list[str]):
+        import ray
+
+        from factory.resample import ResampleStage
+        from factory.targets import Frontend
+
+        _quiet_logging()
+        # By name, not handle: handles in constructor arguments would pin them in the object store.
+        server_actors = [ray.get_actor(name) for name in server_names]
+        frontend = Frontend.load(job.capture.target_config(job.model))
+        self.stage = ResampleStage(frontend=frontend, render=job.render, sampling=job.sampling, servers=job.servers,
+                                   urls=urls, actors=server_actors, model_name=job.servers.model_name)
+        _log_restart("resample")
+
+    async def run(self, prompts: list[Prompt]) -> list[Outcome]:
+        return await self.stage(prompts)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class _CaptureActor:
+    """Ray wrapper of `CaptureStage`: holds the target's weights where the job puts them."""
+
+    def __init__(self, job: JobConfig):
+        from factory.capture import CaptureStage
+
+        _quiet_logging()
+        self.stage = CaptureStage(job.capture.target_config(job.model), job.capture.capture_config())
+        _log_restart("capture")
+
+    def header(self) -> DatasetHeader:
+        return self.stage.header
+
+    def run(self, rows: list[RenderedRow]) -> list[Sample]:
+        return self.stage(rows)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _log_restart(stage: str) -> None:
+    import ray
+
+    import warnings
+
+    with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated property here
+        warnings.simplefilter("ignore")
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+    if restarted:
+        log.warning("%s actor restarted after its worker died (pid %d); Ray retries its tasks", stage, os.getpid())
+
+
+def _quiet_logging() -> None:
+    """Actor logs reach the driver's terminal: INFO from specmill, not a line per HTTP request."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@dataclass(kw_only=True, slots=True)
+class Pipeline:
+    """The wired stages: actor handles and the job. `run()` drives them."""
+
+    job: JobConfig
+    resamplers: list[Any]
+    capture: Any
+    servers: list[Any]  # VllmServerActor handles (empty when the job was given URLs or keeps answers)
+    server_slots: int  # requests in flight across all servers
+    timings: dict[str, float] = field(default_factory=dict)  # start-up phases, seconds
+
+    def run(self, *, show_progress: bool = True) -> dict[str, Any]:
+        return _Driver(self, show_progress=show_progress).run()
+
+    def shutdown(self) -> None:
+        import ray
+
+        for server in self.servers:
+            try:
+                ray.get(server.stop.remote(), timeout=60)
+            except Exception as e:  # noqa: BLE001 - best effort: the actor may already be gone
+                log.warning("stopping a vLLM server actor failed: %s", e)
+        for actor in [*self.resamplers, self.capture, *self.servers]:
+            ray.kill(actor)
+
+
+def build_pipeline(job: JobConfig) -> Pipeline:
+    """Start the actors a job needs, in an initialised Ray: vLLM server actors (unless the job
+    gives URLs or keeps the original answers), resampler actors, the capture actor."""
+    import ray
+
+    from factory.resample import VllmServerActor, server_config
+
+    started = time.monotonic()
+    retries = dict(max_restarts=job.ray.actor_max_restarts, max_task_retries=job.ray.actor_max_restarts)
+    # First, so the target loads while the servers start.
+    capture = ray.remote(_CaptureActor).options(num_cpus=job.capture.num_cpus, num_gpus=job.capture.num_gpus,
+                                                **retries).remote(job)
+    servers: list[Any] = []
+    urls: list[str] = list(job.servers.urls)
+    if not job.sampling.keep_original_answers and not urls:
+        log_dir = job.output.dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        server_cls = ray.remote(VllmServerActor)
+        servers = [server_cls.options(name=f"specmill-vllm-{i}", num_cpus=job.servers.num_cpus,
+                                      num_gpus=job.servers.num_gpus, max_concurrency=4, **retries)
+                   .remote(server_config(job.model, job.servers, job.render, log_dir))
+                   for i in range(job.servers.replicas)]
+        log.info("starting %d vLLM server(s); waiting for health", len(servers))
+        urls = ray.get([s.endpoint.remote() for s in servers])
+    # The resampler only waits on HTTP: it holds no CPU, so it never starves the server or capture.
+    resampler_cls = ray.remote(_ResampleActor).options(num_cpus=0, **retries)
+    names = [f"specmill-vllm-{i}" for i in range(len(servers))]
+    resamplers = [resampler_cls.remote(job, urls, names) for _ in range(job.ray.resamplers)]
+    slots = 0 if job.sampling.keep_original_answers else job.servers.concurrency * len(urls)
+    return Pipeline(job=job, resamplers=resamplers, capture=capture, servers=servers, server_slots=slots,
+                    timings={"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {})
+
+
+class _Driver:
+    """The driver loop: feed the resamplers, batch rows for capture, write, commit."""
+
+    def __init__(self, pipeline: Pipeline, *, show_progress: bool):
+        self.p = pipeline
+        self.job = pipeline.job
+        self.show_progress = show_progress
+        cfg = self.job.ray
+        self.max_in_flight = cfg.max_in_flight or max(2 * pipeline.server_slots + 2 * cfg.capture_batch,
+                                                      4 * cfg.capture_batch, cfg.batch_size)
+
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        started = time.monotonic()
+        header = ray.get(self.p.capture.header.remote())
+        self.p.timings["capture_ready_s"] = round(time.monotonic() - started, 1)
+        out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
+        atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
+        done, quarantined = out.done_ids(), out.quarantined()
+        progress = Progress(path=out.dir / PROGRESS_NAME, total=count_rows(self.job.input), show=self.show_progress)
+        try:
+            self._loop(out, progress, done, quarantined)
+        except BaseException:
+            # Samples already captured are complete and valid: keep them, then stop.
+            out.commit()
+            progress.close()
+            raise
+        progress.close()
+        report = self._report(out, progress)
+        out.close({"report": report})
+        log.info("job complete: %s", json.dumps(report))
+        return report
+
+    def _loop(self, out: JobOutput, progress: Progress, done: set[str], quarantined: set[tuple[str, int]]) -> None:
+        import ray
+
+        cfg = self.job.ray
+        source = self._prompts(done, quarantined, progress)
+        exhausted = False
+        in_flight: dict[Any, tuple[str, list[Any]]] = {}  # ref -> (stage, its input)
+        meta: dict[str, Prompt] = {}  # sample id -> prompt, from read until written or quarantined
+        waiting: list[RenderedRow] = []  # rendered, not yet sent to capture
+        turn = 0
+        last_commit = time.monotonic()
+
+        def quarantine(record: QuarantineRecord) -> None:
+            out.quarantine(record)
+            progress.quarantined += 1
+
+        while True:
+            while not exhausted and len(meta) + cfg.batch_size <= self.max_in_flight:
+                batch: list[Prompt] = []
+                for item in source:
+                    if isinstance(item, QuarantineRecord):
+                        quarantine(item)
+                        continue
+                    batch.append(item)
+                    if len(batch) == cfg.batch_size:
+                        break
+                else:
+                    exhausted = True
+                if batch:
+                    for prompt in batch:
+                        meta[prompt.sample_id] = prompt
+                    ref = self.p.resamplers[turn % len(self.p.resamplers)].run.remote(batch)
+                    turn += 1
+                    in_flight[ref] = ("resample", batch)
+            resampling = any(stage == "resample" for stage, _ in in_flight.values())
+            capturing = sum(stage == "capture" for stage, _ in in_flight.values())
+            while waiting and capturing < 2 and (len(waiting) >= cfg.capture_batch or capturing == 0
+                                                 or (exhausted and not resampling)):
+                rows, waiting = waiting[:cfg.capture_batch], waiting[cfg.capture_batch:]
+                in_flight[self.p.capture.run.remote(rows)] = ("capture", rows)
+                capturing += 1
+            if not in_flight:
+                if exhausted and not waiting:
+                    break
+                continue
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                stage, inputs = in_flight.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except (ray.exceptions.RayError) as e:
+                    raise FactoryError(f"the {stage} stage failed on samples "
+                                       f"{[x.sample_id for x in inputs][:4]}...: {e}") from e
+                if stage == "resample":
+                    for outcome in results:
+                        self._resampled(outcome, meta, waiting, progress, quarantine)
+                else:
+                    for sample in results:
+                        out.add(sample)
+                        meta.pop(sample.sample_id)
+                        progress.written += 1
+                        progress.captured += 1
+                        progress.captured_tokens += int(sample.input_ids.shape[0])
+            if out.uncommitted >= self.job.output.commit_every or (
+                    out.uncommitted and time.monotonic() - last_commit >= self.job.output.commit_interval_s):
+                out.commit()
+                last_commit = time.monotonic()
+            progress.tick()
+        out.commit()
+
+    def _resampled(self, outcome: Outcome, meta: dict[str, Prompt], waiting: list[RenderedRow],
+                   progress: Progress, quarantine) -> None:
+        progress.resampled += 1
+        progress.generated_tokens += outcome.generated_tokens
+        progress.finish_reasons.update(outcome.finish_reasons)
+        if outcome.row is not None:
+            waiting.append(outcome.row)
+            return
+        prompt = meta.pop(outcome.sample_id)
+        quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index, stage=outcome.stage,
+                                    reason=outcome.reason or "unknown", sample_id=prompt.sample_id))
+
+    def _prompts(self, done: set[str], quarantined: set[tuple[str, int]], progress: Progress
+                 ) -> Iterator[Prompt | QuarantineRecord]:
+        """Input rows in order, as prompts to run or records to quarantine; what an earlier run
+        finished is skipped."""
+        settings = self.job.sampling.generation_settings()
+        first_seen: dict[str, str] = {}
+        for src in read_rows(self.job.input):
+            progress.read += 1
+            if (src.file, src.row) in quarantined:
+                progress.skipped += 1
+                continue
+            try:
+                if src.error is not None:
+                    raise InputError(src.error)
+                messages = normalize(src.data, self.job.input)
+                sample_id = conversation_id(messages, **settings)
+            except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
+                yield _record(src, "read", str(e))
+                continue
+            if sample_id in first_seen:
+                yield _record(src, "read", f"duplicate of {first_seen[sample_id]} (same chat, same settings)",
+                              sample_id)
+                continue
+            first_seen[sample_id] = f"{src.file}:{src.row}"
+            if sample_id in done:
+                progress.skipped += 1
+                continue
+            yield Prompt(sample_id=sample_id, source_index=src.index, file=src.file, row=src.row, messages=messages)
+
+    def _report(self, out: JobOutput, progress: Progress) -> dict[str, Any]:
+        m = out.manifest
+        q = m.info["quarantine"]
+        return {
+            "input_rows": progress.total,
+            "samples": m.rows,
+            "tokens": m.tokens,
+            "loss_tokens": sum(s.loss_tokens for s in m.shards),
+            "shards": len(m.shards),
+            "quarantined": q["rows"],
+            "quarantined_by_stage": q["by_stage"],
+            "this_run": {"startup": self.p.timings,
+                         **{k: v for k, v in progress.snapshot().items()
+                            if k in ("elapsed_s", "stages", "finish_reasons", "skipped_already_done")}},
+        }
+
+
+def _record(src: SourceRow, stage: str, reason: str, sample_id: str | None = None) -> QuarantineRecord:
+    return QuarantineRecord(file=src.file, row=src.row, index=src.index, stage=stage, reason=reason, sample_id=sample_id)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_job(job: JobConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a job to completion; return its report. Starts a local Ray unless the
+    job names an address (or Ray is already initialised)."""
+    existing = _existing_report(job)
+    if existing is not None:
+        log.info("%s is already complete; nothing to do", job.output.dir)
+        return existing
+    _check_thinking(job)
+    job.output.dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    started_ray = _init_ray(job)
+    ray_s = round(time.monotonic() - started, 1)
+    pipeline = None
+    try:
+        _check_resources(job)
+        pipeline = build_pipeline(job)
+        pipeline.timings["ray_init_s"] = ray_s
+        return pipeline.run(show_progress=show_progress)
+    finally:
+        if pipeline is not None:
+            pipeline.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _existing_report(job: JobConfig) -> dict[str, Any] | None:
+    """Fail fast, before any server starts, if the output directory belongs to another job;
+    the finished report if it is already complete."""
+    try:
+        manifest = load_manifest(job.output.dir)
+    except ManifestError:
+        if (job.output.dir / "manifest.json").exists():
+            raise
+        return None
+    generation = job.sampling.generation_settings()
+    if manifest.info.get("generation", generation) != generation:
+        raise FactoryError(f"{job.output.dir} was made with other generation settings "
+                           f"({manifest.info['generation']}, now {generation}); use a new output.dir")
+    return manifest.info.get("report") if manifest.complete else None
+
+
+def _check_thinking(job: JobConfig) -> None:
+    """sampling.thinking only means something where the template has a thinking switch."""
+    if job.sampling.thinking is None:
+        return
+    from factory.targets import Frontend
+
+    template = Frontend.load(job.capture.target_config(job.model)).chat_template
+    if "enable_thinking" not in template:
+        raise JobConfigError(f"sampling.thinking is set, but the chat template of {job.model} has no thinking "
+                             f"switch (enable_thinking); leave sampling.thinking out")
+
+
+def _init_ray(job: JobConfig) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    cfg = job.ray
+    if cfg.address is not None:
+        ray.init(address=cfg.address)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False,
+                 object_store_memory=None if cfg.object_store_mb is None else cfg.object_store_mb << 20)
+    return True
+
+
+def _check_resources(job: JobConfig) -> None:
+    """On a local Ray, actors that cannot all be placed would wait forever: say so instead."""
+    import ray
+
+    if job.ray.address is not None:
+        return  # a cluster may scale up to fit
+    servers = 0 if job.sampling.keep_original_answers or job.servers.urls else job.servers.replicas
+    need = {"CPU": servers * job.servers.num_cpus + job.capture.num_cpus,
+            "GPU": servers * job.servers.num_gpus + job.capture.num_gpus}
+    have = ray.cluster_resources()
+    for resource, amount in need.items():
+        if amount > have.get(resource, 0) + 1e-9:
+            raise FactoryError(f"the job's actors need {amount:g} {resource} (servers.replicas x servers.num_"
+                               f"{resource.lower()}s + capture.num_{resource.lower()}s) but the local Ray has "
+                               f"{have.get(resource, 0):g}; lower them or raise ray.num_cpus")

@@ -1,0 +1,333 @@
+"""Factory jobs end to end: job files, exactly-once output, and resumption after a SIGKILLed
+driver or a killed Ray worker. Jobs run as `specmill factory run` subprocesses, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from factory.default_model import DefaultModelConfig, prepare_default
+from factory.job import JobConfigError, load_job
+from factory.prompts import write_chitchat_prompts
+from factory.vllm_server import VllmServer, VllmServerConfig
+from shared.manifest import load_manifest
+from shared.shards import Dataset, verify
+
+N_CHATS = 40
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    return prepare_default(DefaultModelConfig(engine_check=False))
+
+
+# --------------------------------------------------------------------------- job files
+
+
+def test_a_job_file_resolves_paths_beside_it_and_flags_override_it(tmp_path, smollm_dir):
+    (tmp_path / "jobs").mkdir()
+    job_file = tmp_path / "jobs" / "job.toml"
+    job_file.write_text(f'model = "{smollm_dir}"\n[input]\npaths = ["data/p.jsonl"]\n[output]\ndir = "out"\n'
+                        f'[sampling]\nmax_tokens = 64\ntemperatures = [0.0, 1]\n[ray]\nnum_cpus = 2\n')
+    job = load_job(job_file)
+    assert job.input.paths == (tmp_path / "jobs" / "data" / "p.jsonl",)
+    assert job.output.dir == tmp_path / "jobs" / "out"
+    assert job.sampling.max_tokens == 64 and job.sampling.temperatures == (0.0, 1.0)
+    job = load_job(job_file, {"sampling.max_tokens": 8, "output.dir": tmp_path / "elsewhere", "ray.num_cpus": None})
+    assert job.sampling.max_tokens == 8 and job.output.dir == tmp_path / "elsewhere" and job.ray.num_cpus == 2
+
+
+@pytest.mark.parametrize("toml, error", [
+    ('[sampling]\nmax_token = 3\n', "unknown key(s) sampling.max_token; sampling takes"),
+    ('[sampling]\ntop_p = "high"\n', "sampling.top_p must be a number"),
+    ('[sampling]\ntemperatures = [-1]\n', "sampling.temperatures must be a non-empty list of numbers >= 0"),
+    ('[render]\noverlong = "wrap"\n', "render: overlong must be one of"),
+    ('[servers]\nurls = ["localhost:8000"]\n', "servers.urls entries must be http(s) base URLs"),
+    ('[servers]\nvllm_args = ["--port", "1"]\n', "servers.vllm_args must not contain --port"),
+    ('[capture]\ndevice = "cuda"\n', "capture.num_gpus is 0"),
+    ('[ray]\naddress = "auto"\nnum_cpus = 2\n', "leave them out with ray.address"),
+    ('[input]\nformat = "prompt"\n', "needs input.prompt_column"),
+    ('[sampling]\nthinking = true\n[render]\nchat_template_kwargs = {enable_thinking = false}\n', "contradicts"),
+])
+def test_a_bad_job_file_is_refused_naming_the_key(tmp_path, smollm_dir, toml, error):
+    base = f'model = "{smollm_dir}"\n[output]\ndir = "out"\n'
+    if "[input]" not in toml:
+        base += '[input]\npaths = ["p.jsonl"]\n'
+    else:
+        toml = toml.replace("[input]\n", '[input]\npaths = ["p.jsonl"]\n')
+    (tmp_path / "job.toml").write_text(base + toml)
+    with pytest.raises(JobConfigError) as e:
+        load_job(tmp_path / "job.toml")
+    assert error in str(e.value)
+
+
+def test_a_job_without_model_or_prompts_names_the_flag(tmp_path):
+    with pytest.raises(JobConfigError, match="needs `model` \\(flag --model\\)"):
+        load_job(None, {"input.paths": ["x"], "output.dir": tmp_path})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def prompts_file(directory: Path) -> Path:
+    """Real chats (some with only a user turn: nothing to keep in keep-original mode), a line
+    that is not JSON, a row of another shape, a duplicate chat, and a ShareGPT Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chats = write_chitchat_prompts(directory / "a-chitchat.jsonl", N_CHATS)
+    lines = chats.read_text().splitlines()
+    lines[5:5] = ["{broken json", json.dumps({"text": "no chat here"}), lines[0]]
+    chats.write_text("\n".join(lines) + "\n")
+    sharegpt = [{"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": f"{i}."}]}
+                for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(sharegpt), directory / "b-sharegpt.parquet")
+    return directory
+
+
+def write_job(path: Path, model: Path, prompts: Path, out: Path, **sections: dict) -> Path:
+    tables = {"input": {"paths": [str(prompts)]}, "output": {"dir": str(out), "commit_every": 4},
+              "ray": {"num_cpus": 2, "batch_size": 4, "capture_batch": 4, "max_in_flight": 8}}
+    for name, values in sections.items():
+        tables[name] = {**tables.get(name, {}), **values}
+    text = f'model = "{model}"\n'
+    for name, values in tables.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    path.write_text(text)
+    return path
+
+
+def specmill(*args: str) -> list[str]:
+    return [sys.executable, "-m", "shared.cli", *args]
+
+
+def run_job(job: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(specmill("factory", "run", str(job), "--no-progress", *extra), capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def kill_when(job: Path, out: Path, ready, *, timeout: float = 240) -> None:
+    """Start the job as a subprocess and SIGKILL its process group (driver, its local Ray and
+    workers) as soon as `ready(manifest)` holds."""
+    proc = subprocess.Popen(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "manifest.json").exists() and ready(load_manifest(out)):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    # Ray's workers run in process groups of their own, but in the driver's session.
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+
+
+def contents(out: Path) -> dict:
+    """What a finished data set holds, in a form two runs can be compared by."""
+    assert verify(out).ok, verify(out).errors
+    manifest = load_manifest(out)
+    assert manifest.complete
+    ds = Dataset(out)
+    samples = [ds[i] for i in range(len(ds))]
+    quarantine = [json.loads(line) for entry in manifest.info["quarantine"]["files"]
+                  for line in (out / entry["file"]).read_text().splitlines()]
+    return {
+        "sample_ids": sorted(s["sample_id"] for s in samples),
+        "source_indices": sorted(s["source_index"] for s in samples),
+        "quarantine": sorted((q["index"], q["stage"], q["reason"]) for q in quarantine),
+        "token_counts": manifest.token_counts,
+        "tokens": manifest.tokens,
+    }
+
+
+def assert_each_row_exactly_once(c: dict, rows: int) -> None:
+    seen = Counter(c["source_indices"]) + Counter(i for i, _, _ in c["quarantine"])
+    assert sorted(seen) == list(range(rows)), "gaps or extra rows"
+    assert set(seen.values()) == {1}, f"duplicates: {[i for i, n in seen.items() if n > 1]}"
+    assert len(set(c["sample_ids"])) == len(c["sample_ids"])
+
+
+# --------------------------------------------------------------------------- keep-original jobs (no vLLM)
+
+
+@pytest.fixture(scope="module")
+def original_inputs(tmp_path_factory) -> Path:
+    return prompts_file(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, smollm_dir, original_inputs) -> dict:
+    """An uninterrupted keep-original-answers run: what every interrupted run must end up as."""
+    work = tmp_path_factory.mktemp("reference")
+    job = write_job(work / "job.toml", smollm_dir, original_inputs, work / "out",
+                    sampling={"keep_original_answers": True})
+    done = run_job(job)
+    report = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
+    return {"contents": contents(work / "out"), "report": report, "out": work / "out", "job": job}
+
+
+def test_every_input_row_ends_once_in_the_shards_or_the_quarantine_with_its_reason(reference):
+    c, report = reference["contents"], reference["report"]
+    rows = N_CHATS + 3 + 4
+    assert_each_row_exactly_once(c, rows)
+    reasons = {i: (stage, reason) for i, stage, reason in c["quarantine"]}
+    assert reasons[5][0] == "read" and "not valid JSON" in reasons[5][1]
+    assert reasons[6][0] == "read" and "none of the fields" in reasons[6][1]
+    assert reasons[7][0] == "read" and "duplicate of" in reasons[7][1] and "a-chitchat.jsonl:0" in reasons[7][1]
+    assert any(stage == "render" and "no assistant turn" in reason for stage, reason in reasons.values())
+    assert set(range(rows - 4, rows)) <= set(c["source_indices"])  # the ShareGPT rows
+    assert report["samples"] == len(c["sample_ids"]) and report["quarantined"] == len(c["quarantine"])
+    assert report["quarantined_by_stage"]["read"] == 3
+    progress = json.loads((reference["out"] / "progress.json").read_text())
+    assert progress["done"] == progress["total"] == rows and progress["eta_s"] == 0.0
+    assert set(progress["stages"]) == {"read", "resample", "capture", "write", "quarantine"}
+
+
+def test_running_a_finished_job_again_changes_nothing(reference):
+    before = (reference["out"] / "manifest.json").read_bytes()
+    done = run_job(reference["job"])
+    assert (reference["out"] / "manifest.json").read_bytes() == before
+    assert json.loads(done.stdout[:done.stdout.rindex("}") + 1]) == reference["report"]
+
+
+def test_a_driver_killed_mid_run_resumes_to_the_uninterrupted_data_set(tmp_path, smollm_dir, original_inputs,
+                                                                       reference):
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, out, sampling={"keep_original_answers": True})
+    kill_when(job, out, lambda m: len(m.shards) >= 1)  # mid-run: some shards committed
+    first = load_manifest(out)
+    assert not first.complete and 0 < first.rows < len(reference["contents"]["sample_ids"])
+    kill_when(job, out, lambda m: m.rows > first.rows)  # killed again after resuming
+    assert not load_manifest(out).complete
+    run_job(job)
+    assert contents(out) == reference["contents"]
+
+
+def test_a_killed_capture_worker_is_restarted_and_the_job_completes_exactly_once(tmp_path, smollm_dir,
+                                                                                  original_inputs, reference):
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, out, sampling={"keep_original_answers": True})
+    proc = subprocess.Popen(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        killed = _kill_worker_when(proc, out, "_CaptureActor", lambda m: len(m.shards) >= 1)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _kill_group(proc)
+    assert killed and proc.returncode == 0, stderr[-3000:]
+    assert "capture actor restarted after its worker died" in stderr
+    assert contents(out) == reference["contents"]
+
+
+def _kill_worker_when(proc: subprocess.Popen, out: Path, actor: str, ready, timeout: float = 240) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest.json").exists() and ready(load_manifest(out)):
+            for p in psutil.process_iter(["cmdline"]):
+                if any(f"ray::{actor}" in part for part in (p.info["cmdline"] or [])):
+                    p.send_signal(signal.SIGKILL)
+                    return True
+        time.sleep(0.05)
+    return False
+
+
+# --------------------------------------------------------------------------- resampling jobs (real vLLM)
+
+
+@pytest.fixture(scope="module")
+def vllm_url(smollm_dir):
+    config = VllmServerConfig(model=smollm_dir, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                              extra_args=("--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "2048"))
+    with VllmServer(config) as server:
+        yield server.base_url
+
+
+@pytest.fixture(scope="module")
+def resampled(tmp_path_factory, smollm_dir, vllm_url) -> dict:
+    """An uninterrupted greedy resampling run from flags alone, as the README shows it."""
+    work = tmp_path_factory.mktemp("resampled")
+    inputs = write_chitchat_prompts(work / "prompts.jsonl", 16)
+    started = time.monotonic()
+    done = subprocess.run(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(inputs),
+                                   "--out", str(work / "out"), "--max-samples", "16", "--max-tokens", "24",
+                                   "--temperatures", "0", "--server-url", vllm_url, "--num-cpus", "2",
+                                   "--no-progress"),
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": work / "out", "inputs": inputs, "seconds": time.monotonic() - started,
+            "report": json.loads(done.stdout[:done.stdout.rindex("}") + 1])}
+
+
+@pytest.mark.slow
+def test_a_resampling_job_from_flags_writes_the_targets_own_answers(resampled, smollm_dir):
+    c = contents(resampled["out"])
+    assert_each_row_exactly_once(c, 16)
+    assert len(c["sample_ids"]) == 16 and not c["quarantine"]  # every chat gets answers, user-only ones too
+    report = resampled["report"]
+    stages = report["this_run"]["stages"]
+    assert stages["resample"]["generated_tokens"] == report["loss_tokens"] > 0
+    assert set(report["this_run"]["finish_reasons"]) <= {"stop", "length"}
+    ds = Dataset(resampled["out"])
+    original = [json.loads(line)["messages"] for line in resampled["inputs"].read_text().splitlines()]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    for i in range(len(ds)):
+        s = ds[i]
+        text = tok.decode(s["input_ids"].tolist())
+        source = original[s["source_index"]]
+        assert all(m["content"] in text for m in source if m["role"] == "user")
+        assert s["temperature"] == 0.0 and s["finish_reason"] in ("stop", "length")
+    print(f"16 samples resampled and captured in {resampled['seconds']:.0f} s (incl. Ray start)")
+
+
+@pytest.mark.slow
+def test_a_killed_resampling_job_resumes_with_each_sample_exactly_once(tmp_path, smollm_dir, vllm_url, resampled):
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.toml", smollm_dir, resampled["inputs"], out,
+                    sampling={"max_tokens": 24, "temperatures": [0.0]}, servers={"urls": [vllm_url]},
+                    input={"max_samples": 16})
+    kill_when(job, out, lambda m: len(m.shards) >= 1)
+    assert not load_manifest(out).complete
+    run_job(job)
+    resumed, reference = contents(out), contents(resampled["out"])
+    assert_each_row_exactly_once(resumed, 16)
+    assert resumed["sample_ids"] == reference["sample_ids"]  # same ids: same chats, same settings
+    # Token counts are compared, not asserted: greedy answers can differ in a token when a
+    # request shares its forward pass with other requests (see README, "Determinism").
+    same = resumed["token_counts"] == reference["token_counts"]
+    print(f"resumed greedy run: token counts {'equal' if same else 'DIFFER'} to the uninterrupted run's")
+
+
+def test_thinking_mode_is_refused_for_a_template_without_one(tmp_path, smollm_dir, original_inputs):
+    job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, tmp_path / "out", sampling={"thinking": True})
+    done = subprocess.run(specmill("factory", "run", str(job)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "has no thinking switch (enable_thinking)" in done.stderr
+    assert not (tmp_path / "out").exists()
