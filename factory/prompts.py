@@ -11,7 +11,9 @@ replies; a factory job replaces them with the target's own (or keeps them with
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,67 @@ def chitchat_chats(n: int, *, max_user_turns: int = 2) -> list[list[dict[str, st
 
 def write_chitchat_prompts(path: str | Path, n: int, *, max_user_turns: int = 2) -> Path:
     """Write `n` chats as OpenAI messages JSONL (atomically); return the path."""
+    return write_prompts(path, chitchat_chats(n, max_user_turns=max_user_turns))
+
+
+# The OpenAI `evals` wheel ships its eval sets as JSONL whose `input` is a chat (system and
+# user messages). These English sets ask for free-form answers a small chat model can give;
+# prompts are dealt round-robin across them so no one task dominates.
+EVALS_PACKAGE, EVALS_VERSION = "evals", "3.0.1.post1"
+EVALS_FILES = (
+    "emotional-intelligence/samples.jsonl",
+    "moral_exceptQA/samples.jsonl",
+    "math-derivatives/questions.jsonl",
+    "probability_questions/probability_questions.jsonl",
+    "unsolvable_questions/samples.jsonl",
+    "abstract2title/samples.jsonl",
+    "born_first/born_first.jsonl",
+    "cissp-study-questions/samples.jsonl",
+)
+
+
+def evals_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, str]]]:
+    """The first `n` prompts (round-robin over EVALS_FILES) of the `evals` wheel, each the
+    messages before its first assistant turn. The wheel (46 MB) is downloaded once into the
+    cache and read in place."""
+    import zipfile
+
+    from factory.default_model import CACHE_ENV, download_wheel
+
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    root = cache or Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "specmill").expanduser()
+    dest = root / "packages"
+    dest.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(dest.glob(f"{EVALS_PACKAGE}-{EVALS_VERSION}-*.whl"))
+    wheel = wheels[0] if wheels else download_wheel(EVALS_PACKAGE, EVALS_VERSION, dest, size_hint="about 46 MB")
+    per_file: list[list[list[dict[str, str]]]] = []
+    with zipfile.ZipFile(wheel) as whl:
+        for name in EVALS_FILES:
+            member = f"evals/registry/data/{name}"
+            chats = []
+            for line in whl.read(member).decode().splitlines():
+                row = json.loads(line)
+                turns = row.get("input")
+                if not isinstance(turns, list):
+                    continue
+                head = []
+                for m in turns:
+                    if m.get("role") == "assistant":
+                        break
+                    head.append({"role": m["role"], "content": m["content"]})
+                if any(m["role"] == "user" for m in head):
+                    chats.append(head)
+            per_file.append(chats)
+    mixed = [c for group in itertools.zip_longest(*per_file) for c in group if c is not None]
+    if len(mixed) < n:
+        raise ValueError(f"{EVALS_PACKAGE} files {EVALS_FILES} give only {len(mixed)} prompts, asked for {n}")
+    return mixed[:n]
+
+
+def write_prompts(path: str | Path, chats: list[list[dict[str, str]]]) -> Path:
+    """Write chats as OpenAI messages JSONL (atomically); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps({"messages": m}) + "\n" for m in chitchat_chats(n, max_user_turns=max_user_turns))
-    atomic_write_bytes(path, lines.encode())
+    atomic_write_bytes(path, "".join(json.dumps({"messages": m}) + "\n" for m in chats).encode())
     return path
