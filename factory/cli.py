@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from shared.cli import bench_subparsers
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="prepare target models")
@@ -26,6 +28,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not compare with vLLM (for machines without it); the loss check still runs")
     p.set_defaults(func=_cmd_prepare_default)
 
+    _register_factory(sub)
+    register_bench(bench_subparsers(sub))
+
+
+def register_bench(bench: argparse._SubParsersAction) -> None:
+    """Add the factory's benchmarks to the `specmill bench` subcommands."""
+    from factory import bench_capture
+
+    p = bench.add_parser(
+        "capture",
+        help="hidden-state capture tokens/s vs a plain forward pass of the same model (goal >= 0.9)",
+        description="Capture tokens/s of the transformers backend against a plain forward pass of the same "
+                    "model on the same batches and against one sequence per forward, and of the vLLM backend "
+                    "against plain prefill on a server without capture, all in one run on made-up conversations.",
+    )
+    bench_capture.add_arguments(p)
+    p.set_defaults(func=bench_capture.run_cli)
+
 
 def _cmd_prepare_default(args: argparse.Namespace) -> int:
     from factory.default_model import DefaultModelConfig, DefaultModelError, prepare_default, read_marker
@@ -44,4 +64,74 @@ def _cmd_prepare_default(args: argparse.Namespace) -> int:
     else:
         print("engine check SKIPPED: transformers and vLLM greedy tokens were not compared")
     print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------- specmill factory run
+
+# Flags of `factory run` -> job keys. Flags default to None (= not given), so a job's
+# defaults live only in factory/job.py and a flag overrides the job file only when given.
+_RUN_FLAGS = {"model": "model", "prompts": "input.paths", "out": "output.dir", "max_samples": "input.max_samples",
+              "max_tokens": "sampling.max_tokens", "temperatures": "sampling.temperatures",
+              "server_url": "servers.urls", "keep_original_answers": "sampling.keep_original_answers",
+              "address": "ray.address", "num_cpus": "ray.num_cpus"}
+
+
+def _register_factory(sub: argparse._SubParsersAction) -> None:
+    factory = sub.add_parser("factory", help="make shard data sets from prompt data sets")
+    fsub = factory.add_subparsers(title="factory commands", metavar="COMMAND", required=True)
+    p = fsub.add_parser(
+        "run", help="run (or resume) a factory job: prompts -> resampled answers -> hidden states -> shards",
+        description="Run a factory job from a TOML file, from flags, or both (flags override the file). "
+                    "Runs against a local Ray started here, or a cluster with --address. Running the same job "
+                    "again resumes it: each input row ends up exactly once in the shards or the quarantine.")
+    p.add_argument("job", type=Path, nargs="?", default=None, help="job file (TOML); see factory/job.py")
+    p.add_argument("--model", type=Path, default=None, help="target model directory")
+    p.add_argument("--prompts", type=Path, nargs="+", default=None,
+                   help="JSONL / Parquet files or directories (OpenAI messages or ShareGPT rows)")
+    p.add_argument("--out", type=Path, default=None, help="output data set directory")
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N input rows")
+    p.add_argument("--max-tokens", type=int, default=None, help="max tokens per answer")
+    p.add_argument("--temperatures", type=float, nargs="+", default=None, help="the temperature mix")
+    p.add_argument("--server-url", type=str, nargs="+", default=None,
+                   help="use these vLLM servers instead of starting one")
+    p.add_argument("--keep-original-answers", action="store_true", default=None,
+                   help="keep the data set's answers (no resampling, no vLLM)")
+    p.add_argument("--address", type=str, default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (progress.json is still written)")
+    p.set_defaults(func=_cmd_factory_run)
+
+    p = fsub.add_parser("prompts", help="write real prompts from a PyPI package as OpenAI-messages JSONL")
+    p.add_argument("--source", choices=("chitchat", "evals"), required=True,
+                   help="chitchat: multi-turn chats (chitchat-dataset); evals: task prompts (OpenAI evals wheel)")
+    p.add_argument("--n", type=int, required=True, help="how many prompts")
+    p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    p.set_defaults(func=_cmd_factory_prompts)
+
+
+def _cmd_factory_prompts(args: argparse.Namespace) -> int:
+    from factory import prompts
+
+    chats = prompts.chitchat_chats(args.n) if args.source == "chitchat" else prompts.evals_chats(args.n)
+    print(prompts.write_prompts(args.out, chats))
+    return 0
+
+
+def _cmd_factory_run(args: argparse.Namespace) -> int:
+    import json
+
+    from factory.job import load_job
+    from factory.pipeline import FactoryError, run_job
+
+    overrides = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()}
+    overrides["input.paths"] = [str(p) for p in args.prompts] if args.prompts else None
+    job = load_job(args.job, overrides)
+    try:
+        report = run_job(job, show_progress=not args.no_progress)
+    except FactoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=1))
+    print(job.output.dir)
     return 0

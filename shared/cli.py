@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subcommands of `specmill bench`, creating the group on first use, so every package
+    (factory: `bench capture`; trainer: `bench train`) adds to one group, in any order."""
+    group = sub.choices.get("bench")
+    if group is None:
+        group = sub.add_parser("bench", help="measure throughput against what this machine can do")
+        group.add_subparsers(title="bench commands", metavar="COMMAND", required=True)
+    return next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     shards = sub.add_parser("shards", help="create, check and benchmark shard data sets")
     ssub = shards.add_subparsers(title="shards commands", metavar="COMMAND", required=True)
@@ -75,14 +85,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="run the whole system end to end on the embedded default")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where artifacts go")
-    p.add_argument("--samples", type=int, default=None, help="how many samples (scales the demo)")
+    p.add_argument("--samples", type=int, default=None, help="training conversations (scales the demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--max-tokens", type=int, default=None, help="max tokens per resampled answer")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import DemoConfig, run_demo
 
-    given = {"samples": args.samples} if args.samples is not None else {}
+    given = {k: getattr(args, k) for k in ("samples", "steps", "max_tokens") if getattr(args, k) is not None}
     return run_demo(DemoConfig(workdir=args.workdir, **given))
 
 

@@ -1,0 +1,395 @@
+"""Hidden-state capture through vLLM: the fast path for text targets.
+
+A vLLM server runs the target with the `extract_hidden_states` speculative method, which
+writes the residual streams of the requested layers into a KV-cache group, and with
+`factory.vllm_connector.SpecmillHiddenStatesConnector`, which saves them per request to a
+safetensors file when the request finishes. Each rendered row is sent as token ids with
+`max_tokens: 1`, so the server only prefills it; the response names the file
+(`kv_transfer_params.hidden_states_path`: `hidden_states [T, n_ids, H]`, `token_ids [T]`),
+which is read and deleted at once. Many requests are in flight together (a bounded async
+client), so the server batches them as it batches any prefill.
+
+Layer ids (see `factory.targets`): the server is asked for the sorted distinct ids of the
+three aux layers plus L. vLLM's id i is the residual entering decoder layer i, the same
+tensor as `HFTarget`'s hooks keep, and id L is the residual before the final norm: our
+`pre_norm` last hidden state. So both backends produce the same `Sample`s (within bf16
+rounding; `tests/factory/test_vllm_capture.py` measures it).
+
+Prefix caching stays on: the hidden states live in KV-cache blocks, so a prompt whose
+prefix is cached gets that prefix's states from the cached blocks (computed from the same
+tokens), and the file still holds every one of the prompt's T tokens (tested).
+
+Text targets only: multimodal targets capture through `factory.capture.CaptureStage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from shared.manifest import DTYPES, DatasetHeader, TargetInfo
+from shared.shards import Sample
+
+from factory.render import RenderedRow
+from factory.targets import (AUX_LAYER_CONVENTION, LAST_HIDDEN_STATE, EncodedMedia, Frontend, TargetConfig,
+                             TargetError, _fingerprints, _read_json, default_aux_layer_ids, spec_for)
+from factory.vllm_server import VllmServer, VllmServerConfig
+
+if TYPE_CHECKING:
+    import httpx
+    import torch
+
+log = logging.getLogger("specmill.factory.vllm_capture")
+
+CONNECTOR_MODULE = "factory.vllm_connector"
+# == factory.vllm_connector.CONNECTOR_NAME, not imported from there: that module imports vllm.
+CONNECTOR_CLASS = "SpecmillHiddenStatesConnector"
+# The repository root, put on the server's PYTHONPATH so it can import the connector from a checkout.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class VllmCaptureError(RuntimeError):
+    """A capture request failed; the message names the row and, if the server died, its log tail."""
+
+
+@dataclass(kw_only=True, slots=True)
+class VllmCaptureConfig:
+    aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (2, L//2, L-3)
+    dtype: str = "bfloat16"  # how hidden states are stored (the server computes in TargetConfig.dtype)
+    max_concurrency: int = 32  # requests in flight; the server batches them
+    max_length: int = 4096  # the longest row in tokens (RenderConfig.max_length); sets --max-model-len
+    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE on the CPU build (GPU builds size their cache themselves)
+    enforce_eager: bool = True  # starts in ~40 s instead of ~100 s on CPU, for ~10% less throughput
+    prefix_caching: bool = True
+    # Where the server writes one file per in-flight request (read and deleted at once);
+    # None: a new directory in /dev/shm (memory) if there is one, else in the system temp dir.
+    storage_dir: Path | None = None
+    extra_args: tuple[str, ...] = ()  # more vLLM server flags, e.g. ("--max-num-batched-tokens", "8192")
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.aux_layer_ids is not None:
+            self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
+            if len(self.aux_layer_ids) != 3:
+                raise ValueError(f"aux_layer_ids must name 3 layers, got {self.aux_layer_ids}")
+        for name in ("max_concurrency", "max_length", "kv_cache_gib"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.storage_dir is not None:
+            self.storage_dir = Path(self.storage_dir).expanduser()
+        self.extra_args = tuple(str(a) for a in self.extra_args)
+        owned = ("--speculative-config", "--kv-transfer-config", "--dtype", "--max-model-len",
+                 "--enforce-eager", "--enable-prefix-caching", "--no-enable-prefix-caching")
+        clash = [a for a in self.extra_args if a.split("=")[0] in owned]
+        if clash:
+            raise ValueError(f"extra_args must not set {clash}: VllmCaptureConfig/TargetConfig fields set them")
+        if self.startup_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("startup_timeout_s and request_timeout_s must be positive")
+
+
+class VllmTarget:
+    """A text target run by a vLLM server that captures hidden states (the `Target` protocol).
+
+    Loads only the frontend and config.json here; `start()` (or `with`) starts the server,
+    which captures the three aux ids of `capture_config` plus the final norm's input."""
+
+    def __init__(self, config: TargetConfig, capture_config: VllmCaptureConfig):
+        raw = _read_json(config.model / "config.json")
+        self.config, self.capture_config = config, capture_config
+        self.spec = spec_for(raw.get("model_type", ""), family=config.family)
+        if self.spec.media:
+            raise TargetError(f"{config.model}: vLLM capture takes text targets only, and {self.spec.family} "
+                              f"takes {', '.join(m.kind for m in self.spec.media)}; capture it with "
+                              f"factory.capture.CaptureStage")
+        text = raw[self.spec.text_config] if self.spec.text_config else raw
+        self.frontend = Frontend.load(config, self.spec)
+        self.name = config.name
+        self.hidden_size = int(text["hidden_size"])
+        self.num_layers = int(text["num_hidden_layers"])
+        self.vocab_size = int(text["vocab_size"])
+        self._fingerprints = _fingerprints(config.model, self.frontend.chat_template)
+        self.aux_layer_ids = self.check_aux_layer_ids(capture_config.aux_layer_ids)
+        # What the server returns, in this order: vLLM collects the ids while walking the
+        # layers, so sorted and each once; then where each aux id and L sit in it.
+        self.server_layer_ids = tuple(sorted({*self.aux_layer_ids, self.num_layers}))
+        self._slot = {i: k for k, i in enumerate(self.server_layer_ids)}
+        self._server: VllmServer | None = None
+        self._storage: Path | None = None
+        self._own_storage = False
+
+    # -- the Target protocol (metadata)
+
+    @property
+    def default_aux_layer_ids(self) -> tuple[int, int, int]:
+        return default_aux_layer_ids(self.num_layers)
+
+    def target_info(self) -> TargetInfo:
+        return TargetInfo(name=self.name, vocab_size=self.vocab_size, num_hidden_layers=self.num_layers,
+                          **self._fingerprints)
+
+    def header(self, *, aux_layer_ids: Sequence[int] | None = None, dtype: str = "bfloat16") -> DatasetHeader:
+        ids = self.check_aux_layer_ids(aux_layer_ids)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        return DatasetHeader(target=self.target_info(), hidden_size=self.hidden_size, dtype=dtype,
+                             aux_layer_ids=ids, aux_layer_convention=AUX_LAYER_CONVENTION,
+                             last_hidden_state=LAST_HIDDEN_STATE)
+
+    def check_aux_layer_ids(self, ids: Sequence[int] | None) -> tuple[int, int, int]:
+        ids = tuple(int(i) for i in (self.default_aux_layer_ids if ids is None else ids))
+        if len(ids) != 3 or not all(0 <= i <= self.num_layers for i in ids):
+            raise ValueError(f"aux_layer_ids must be 3 ids in [0, {self.num_layers}] ({self.name} has "
+                             f"{self.num_layers} layers; id i is the residual entering layer i, {self.num_layers} "
+                             f"the final norm's input), got {ids}")
+        return ids  # type: ignore[return-value]
+
+    def position_ids(self, input_ids: torch.Tensor, media: Sequence[EncodedMedia],
+                     spans: Sequence[tuple[str, int, int]]) -> None:
+        return None  # text targets: positions 0..T-1, which vLLM assigns itself
+
+    def forward_capture(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        media: dict[str, torch.Tensor], layer_ids: Sequence[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A right-padded batch, as `HFTarget` takes it: aux [B, T, 3, H], last [B, T, H] (pads are 0).
+
+        For `CaptureStage` compatibility; `VllmCaptureStage` sends rows without padding them."""
+        import torch
+
+        missing = [i for i in layer_ids if i not in self._slot]
+        if media or missing:
+            raise TargetError(f"this vLLM server captures layer ids {self.server_layer_ids} of text rows; asked for "
+                              f"{tuple(layer_ids)}{' with media' if media else ''}")
+        lengths = attention_mask.sum(dim=1).tolist()
+        states = self.capture([input_ids[k, :n] for k, n in enumerate(lengths)])
+        b, t = input_ids.shape
+        aux = torch.zeros((b, t, len(layer_ids), self.hidden_size), dtype=states[0].dtype)
+        last = torch.zeros((b, t, self.hidden_size), dtype=states[0].dtype)
+        for k, (n, hs) in enumerate(zip(lengths, states)):
+            aux[k, :n], last[k, :n] = self.split(hs, layer_ids)
+        return aux, last
+
+    # -- the server
+
+    def __enter__(self) -> VllmTarget:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise VllmCaptureError("start() called twice; stop() the running server first")
+        cc = self.capture_config
+        self._own_storage = cc.storage_dir is None
+        self._storage = Path(tempfile.mkdtemp(prefix="specmill-hs-", dir=_memory_dir())) if self._own_storage \
+            else cc.storage_dir
+        self._storage.mkdir(parents=True, exist_ok=True)
+        self._server = VllmServer(self.server_config())
+        try:
+            self._server.start()
+        except BaseException:
+            self._server = None
+            self._drop_storage()
+            raise
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+        self._drop_storage()
+
+    def server_config(self) -> VllmServerConfig:
+        """The capturing server: the plain server's flags plus the capture method and its connector."""
+        assert self._storage is not None, "start() makes the storage directory"
+        spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1,  # vLLM allows only 1 here
+                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(self.server_layer_ids)}}}
+        kv = {"kv_connector": CONNECTOR_CLASS, "kv_role": "kv_producer", "kv_connector_module_path": CONNECTOR_MODULE,
+              "kv_connector_extra_config": {"shared_storage_path": str(self._storage)}}
+        plain = self.plain_server_config()
+        path = os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        # The CPU build reserves one more core whenever a KV connector is configured (meant for
+        # NIXL transfers); on 2 cores that leaves none reserved, so the OpenMP compute threads
+        # fight the spinning scheduler process and prefill runs ~2x slower (measured). Our
+        # connector needs no core of its own: keep the plain server's layout.
+        reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+        env = {**plain.env, "PYTHONPATH": path, "VLLM_CPU_NUM_OF_RESERVED_CPU": reserved}
+        return dataclasses.replace(plain, env=env, extra_args=(
+            *plain.extra_args, "--speculative-config", json.dumps(spec), "--kv-transfer-config", json.dumps(kv)))
+
+    def plain_server_config(self) -> VllmServerConfig:
+        """The same model and engine flags without capture: what plain prefill costs (for benchmarks)."""
+        cc = self.capture_config
+        args = ["--dtype", self.config.dtype, "--max-model-len", str(cc.max_length + 1),  # + the one generated token
+                "--enable-prefix-caching" if cc.prefix_caching else "--no-enable-prefix-caching"]
+        if cc.enforce_eager:
+            args.append("--enforce-eager")
+        return VllmServerConfig(model=self.config.model, served_model_name=self.name,
+                                extra_args=(*args, *cc.extra_args), startup_timeout_s=cc.startup_timeout_s,
+                                env={"VLLM_CPU_KVCACHE_SPACE": str(cc.kv_cache_gib)})
+
+    @property
+    def server(self) -> VllmServer:
+        if self._server is None:
+            raise VllmCaptureError("the vLLM server is not running: use `with VllmTarget(...)` or call start()")
+        return self._server
+
+    # -- capture
+
+    def capture(self, sequences: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sequence of token ids [T], the server's hidden states [T, n_ids, H] in
+        `server_layer_ids` order and the model's dtype. Not from inside a running event loop
+        (await `acapture` there)."""
+        return asyncio.run(self.acapture(sequences))
+
+    async def acapture(self, sequences: Sequence[torch.Tensor], labels: Sequence[str] | None = None
+                       ) -> list[torch.Tensor]:
+        import httpx
+
+        labels = labels or [f"sequence {k}" for k in range(len(sequences))]
+        too_long = [(label, len(s)) for label, s in zip(labels, sequences) if len(s) > self.capture_config.max_length]
+        if too_long:
+            raise ValueError(f"{too_long[0][0]} has {too_long[0][1]} tokens, more than max_length="
+                             f"{self.capture_config.max_length} the server was started for ({len(too_long)} such rows)")
+        gate = asyncio.Semaphore(self.capture_config.max_concurrency)
+        limits = httpx.Limits(max_connections=self.capture_config.max_concurrency)
+        async with httpx.AsyncClient(base_url=self.server.base_url, limits=limits,
+                                     timeout=self.capture_config.request_timeout_s) as client:
+
+            async def one(ids: torch.Tensor, label: str) -> torch.Tensor:
+                async with gate:
+                    return await self._capture_one(client, ids, label)
+
+            return list(await asyncio.gather(*(one(s, label) for s, label in zip(sequences, labels))))
+
+    def split(self, hidden_states: torch.Tensor, layer_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, n_ids, H] from the server -> aux [T, len(layer_ids), H] and pre-norm last [T, H].
+
+        Both are new tensors (a sample must not keep the whole file's tensor alive through a
+        view); index_select, because strided bf16 copies are ~20x slower on CPU."""
+        import torch
+
+        aux = hidden_states.index_select(1, torch.tensor([self._slot[i] for i in layer_ids]))
+        last = hidden_states.index_select(1, torch.tensor([self._slot[self.num_layers]]))[:, 0]
+        return aux, last
+
+    async def _capture_one(self, client: httpx.AsyncClient, ids: torch.Tensor, label: str) -> torch.Tensor:
+        import httpx
+
+        body = {"model": self.server.model_name, "prompt": [int(t) for t in ids], "max_tokens": 1, "temperature": 0.0}
+        try:
+            response = await client.post("/v1/completions", json=body)
+        except httpx.TransportError as e:
+            raise VllmCaptureError(f"{label}: no answer from the vLLM server ({e!r}); its log {self.server.log_path} "
+                                   f"ends with:\n{self.server.log_tail()}") from e
+        if response.status_code != 200:
+            raise VllmCaptureError(f"{label}: the vLLM server answered {response.status_code}: {response.text[:500]}")
+        params = response.json().get("kv_transfer_params") or {}
+        path = params.get("hidden_states_path")
+        if not path:
+            raise VllmCaptureError(f"{label}: the response has no kv_transfer_params.hidden_states_path; the server "
+                                   f"was not started with the hidden-states connector ({params!r})")
+        data = await asyncio.to_thread(_take_file, Path(path))
+        states, got_ids = data["hidden_states"], data["token_ids"]
+        expected = (len(ids), len(self.server_layer_ids), self.hidden_size)
+        if tuple(states.shape) != expected or not got_ids.equal(ids.to(got_ids.dtype)):
+            raise VllmCaptureError(f"{label}: the server returned hidden states {tuple(states.shape)} for "
+                                   f"{len(got_ids)} tokens, expected {expected} for the {len(ids)} tokens sent")
+        return states
+
+    def _drop_storage(self) -> None:
+        if self._own_storage and self._storage is not None:
+            shutil.rmtree(self._storage, ignore_errors=True)
+        self._storage = None
+
+
+def _take_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a hidden-states file once its writer is done (it holds the `.lock` file exclusively
+    until then), then delete it and its lock."""
+    from safetensors.torch import load_file
+
+    lock = Path(f"{path}.lock")
+    try:
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # sleeps until the writer thread closes its LOCK_EX
+            data = load_file(path)
+    finally:
+        path.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+    return data
+
+
+def _memory_dir() -> str | None:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+class VllmCaptureStage:
+    """Pipeline stage: `__call__(rendered rows) -> samples`, in the rows' order, like `CaptureStage`.
+
+    Given a `TargetConfig` it starts (and on `close()` stops) its own server; given a running
+    `VllmTarget` it uses that one. Use it as a context manager or call `close()`."""
+
+    def __init__(self, target: VllmTarget | TargetConfig, config: VllmCaptureConfig):
+        import torch
+
+        self.config = config
+        self._owns_target = isinstance(target, TargetConfig)
+        self.target = VllmTarget(target, config) if isinstance(target, TargetConfig) else target
+        self.header: DatasetHeader = self.target.header(aux_layer_ids=config.aux_layer_ids, dtype=config.dtype)
+        self.layer_ids = self.header.aux_layer_ids
+        if self.target.aux_layer_ids != self.layer_ids:
+            raise ValueError(f"aux_layer_ids {self.layer_ids} differ from the {self.target.aux_layer_ids} the target's "
+                             f"server captures")
+        self._dtype = getattr(torch, config.dtype)
+        if self._owns_target:
+            self.target.start()
+
+    def __enter__(self) -> VllmCaptureStage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_target:
+            self.target.stop()
+
+    def __call__(self, rows: Sequence[RenderedRow]) -> list[Sample]:
+        return [self._sample(row, states) for row, states in zip(rows, self._capture(rows))]
+
+    def hidden_states(self, rows: Sequence[RenderedRow]) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
+        """Per row, in the model's dtype before the storage cast: aux [T, 3, H], pre-norm last [T, H], None
+        (the same shape of answer as `CaptureStage.hidden_states`)."""
+        return [(*self.target.split(states, self.layer_ids), None) for states in self._capture(rows)]
+
+    def _capture(self, rows: Sequence[RenderedRow]) -> list[torch.Tensor]:
+        bad = [r for r in rows if r.media]
+        if bad:
+            raise ValueError(f"row {bad[0].source_index} carries media; vLLM capture takes text rows only")
+        labels = [f"row {r.source_index} ({r.sample_id})" for r in rows]
+        return asyncio.run(self.target.acapture([r.input_ids for r in rows], labels))
+
+    def _sample(self, row: RenderedRow, states: torch.Tensor) -> Sample:
+        aux, last = self.target.split(states, self.layer_ids)
+        return Sample(sample_id=row.sample_id, source_index=row.source_index, input_ids=row.input_ids,
+                      loss_mask=row.loss_mask, aux_hidden_states=aux.to(self._dtype),
+                      last_hidden_state=last.to(self._dtype), position_ids=None,
+                      modality_spans=list(row.modality_spans), temperature=row.temperature,
+                      finish_reason=row.finish_reason)
