@@ -1,11 +1,13 @@
 """`specmill demo`: the whole system on the embedded default, as a user would run it.
 
 It drives the `specmill` command itself (one subprocess per step), so each step is the
-same command a user would type and the demo imports nothing from factory/ or trainer/.
+same command a user would type, and the demo imports nothing from factory/ or trainer/.
+Steps whose output already exists are skipped, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -19,20 +21,31 @@ log = logging.getLogger("specmill.demo")
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
     workdir: Path
-    samples: int = 64
+    samples: int = 64  # training conversations resampled by the target
+    max_tokens: int = 128  # per answer turn
+    steps: int = 300  # training steps
+    eval_prompts: int = 16
+    k: int = 3  # speculative tokens
 
     def __post_init__(self) -> None:
-        if self.samples <= 0:
-            raise ValueError(f"demo: --samples must be positive, got {self.samples}")
+        for name in ("samples", "max_tokens", "steps", "eval_prompts", "k"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"demo: {name} must be positive, got {getattr(self, name)}")
 
 
 def run_demo(config: DemoConfig) -> int:
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    w = config.workdir
+    w.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     steps: list[tuple[str, float]] = []
 
-    def step(title: str, *args: str) -> str:
-        log.info("demo step %d: %s", len(steps) + 1, title)
+    def step(title: str, *args: str, done: Path | None = None) -> str:
+        n = len(steps) + 1
+        if done is not None and done.exists():
+            log.info("demo step %d: %s (done already: %s)", n, title, done)
+            steps.append((title + " (cached)", 0.0))
+            return ""
+        log.info("demo step %d: %s", n, title)
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "shared.cli", *args], check=True,
                              stdout=subprocess.PIPE, text=True).stdout
@@ -40,22 +53,42 @@ def run_demo(config: DemoConfig) -> int:
         sys.stdout.write(out)
         return out
 
-    model_dir = step("prepare and verify the default target (SmolLM2-135M-Instruct)",
-                     "model", "prepare-default").strip().splitlines()[-1]
-    shards = config.workdir / "synthetic-shards"
-    if not (shards / "manifest.json").exists():
-        step(f"write {config.samples} synthetic samples at the target's hidden size", "shards", "synth",
-             "--out", str(shards), "--samples", str(config.samples), "--hidden", "576",
-             "--vocab", "49152", "--mean-tokens", "256")
-    step("verify every shard's checksum and shapes", "shards", "verify", str(shards))
-    step("inspect the data set", "shards", "inspect", str(shards), "--sample", "0")
+    model = step("prepare and verify the default target (SmolLM2-135M-Instruct)",
+                 "model", "prepare-default").strip().splitlines()[-1]
+    train_prompts, eval_prompts = w / "train-prompts.jsonl", w / "eval-prompts.jsonl"
+    step(f"take {config.samples} real chats from the chitchat-dataset package", "factory", "prompts",
+         "--source", "chitchat", "--n", str(config.samples), "--out", str(train_prompts), done=train_prompts)
+    data, run, draft, evaluation = w / "data", w / "train", w / "draft", w / "eval"
+    step("factory: resample the answers on vLLM, capture hidden states, write shards", "factory", "run",
+         "--model", model, "--prompts", str(train_prompts), "--out", str(data),
+         "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens))
+    step("verify the shards", "shards", "verify", str(data))
+    step(f"train the EAGLE-3 draft ({config.steps} steps)", "train", "--data", str(data), "--target", model,
+         "--out", str(run), "--steps", str(config.steps))
+    step("export it in the EAGLE format vLLM loads", "export", str(run), "--format", "eagle", "--out", str(draft))
+    step(f"take {config.eval_prompts} held-out prompts from another package (OpenAI evals)", "factory",
+         "prompts", "--source", "evals", "--n", str(config.eval_prompts), "--out", str(eval_prompts),
+         done=eval_prompts)
+    step(f"evaluate in vLLM: no speculation vs the draft (k={config.k}) vs n-gram", "eval", "--target", model,
+         "--draft", str(draft), "--prompts", str(eval_prompts), "--out", str(evaluation), "--k", str(config.k))
 
-    print("\nspecmill demo report")
-    for title, seconds in steps:
-        print(f"  {seconds:7.1f} s  {title}")
-    print(f"  total {time.monotonic() - started:.1f} s")
-    print(f"  target model: {model_dir}")
-    print(f"  shards:       {shards}")
-    print("  Not in this demo yet (open issues): factory resampling and hidden-state capture, "
-          "training, export, acceptance-length evaluation.")
+    print(report(json.loads((evaluation / "eval.json").read_text()), steps, time.monotonic() - started, w))
     return 0
+
+
+def report(results: dict, steps: list[tuple[str, float]], seconds: float, workdir: Path) -> str:
+    lines = ["", "specmill demo report", ""]
+    lines += [f"  {s:7.1f} s  {title}" for title, s in steps]
+    lines += [f"  {seconds:7.1f} s  total", ""]
+    lines.append(f"  {'way':<8} {'accept len':>10} {'tok/forward':>11} {'tok/s':>7} {'speedup':>8}")
+    for name in ("none", "ngram", "eagle3"):
+        w = results["ways"][name]
+        al = "-" if w["acceptance_length"] is None else f"{w['acceptance_length']:.2f}"
+        tpf = "-" if w["tokens_per_forward"] is None else f"{w['tokens_per_forward']:.2f}"
+        lines.append(f"  {name:<8} {al:>10} {tpf:>11} {w['output_tokens_per_s']:>7.1f} {w['speedup']:>7.2f}x")
+    sim = results["simulated_acceptance_length"]
+    if sim["available"]:
+        lines.append(f"  the trainer's simulated acceptance length for this draft: {sim['value']:.2f}")
+    lines += ["", f"  artifacts in {workdir}: data/ (shards), train/ (checkpoints, curves.png), "
+              "draft/ (load it in vLLM), eval/ (eval.json, eval.png)"]
+    return "\n".join(lines)

@@ -1,9 +1,107 @@
-"""Subcommands this package adds to `specmill` (see shared/cli.py)."""
+"""Subcommands this package adds to `specmill` (see shared/cli.py): `train` and `export`.
+
+Flags default to None and only the ones given override the config (TOML file, then the
+dataclass defaults in trainer/config.py), so no default lives here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+# flag -> (config field, type, help)
+_TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--data": ("data.path", Path, "shard data set directory"),
+    "--target": ("target.path", Path, "target model directory (HF config.json + safetensors)"),
+    "--out": ("out", Path, "run directory (checkpoints, metrics.jsonl, curves.png); resumes if it has a checkpoint"),
+    "--steps": ("steps", int, "optimizer steps"),
+    "--seed": ("seed", int, "seed of the init, the data order and the validation split"),
+    "--device": ("device", str, "auto, cpu or cuda"),
+    "--lr": ("optim.lr", float, "peak learning rate"),
+    "--token-budget": ("data.token_budget", int, "tokens per packed batch"),
+    "--max-seq-len": ("data.max_seq_len", int, "cut longer samples to this many tokens"),
+    "--val-samples": ("data.val_samples", int, "samples held out for validation"),
+    "--draft-vocab-size": ("draft.draft_vocab_size", int, "draft vocabulary size (top-N loss-masked ids)"),
+    "--ttt-steps": ("ttt.steps", int, "training-time-test unroll length k"),
+    "--log-every": ("log_every", int, "log every N steps"),
+    "--eval-every": ("eval_every", int, "validate every N steps"),
+    "--checkpoint-every": ("checkpoint.every", int, "save every N steps"),
+    "--stop-after": ("stop_after", int, "save and exit after step N (resume later with the same command)"),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("train", help="train an EAGLE-3 draft on a shard data set",
+                       description="Train an EAGLE-3 draft. Settings come from TRAIN.toml (optional), "
+                                   "then the flags given; see trainer/config.py for every field.")
+    p.add_argument("config", nargs="?", type=Path, default=None, help="TRAIN.toml")
+    for flag, (dest, kind, text) in _TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=text,
+                       metavar={Path: "DIR", int: "N", float: "X", str: "NAME"}[kind])
+    p.add_argument("--set", dest="set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any config field, e.g. --set optim.warmup_fraction=0.05 (repeatable)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                   help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a trained draft for vLLM / SGLang")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run's --out (its newest checkpoint)")
+    p.add_argument("--format", choices=("eagle",), required=True,
+                   help="eagle: LlamaForCausalLMEagle3 (vLLM, SGLang); the speculators format is not done yet")
+    p.add_argument("--out", type=Path, required=True, help="directory to write")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of the exported weights")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="measure a draft in vLLM against no speculation and the n-gram proposer",
+                       description="Serve the target three ways (no speculation, the EAGLE-3 draft, vLLM's n-gram "
+                                   "proposer) on the same prompts, greedy; report acceptance length, tokens per "
+                                   "forward, per-position acceptance, tokens/s and speedup (JSON + PNG).")
+    p.add_argument("--target", type=Path, required=True, help="target model directory")
+    p.add_argument("--draft", type=Path, required=True, help="a draft exported with `specmill export --format eagle`")
+    p.add_argument("--prompts", type=Path, required=True, help='JSONL, one {"messages": [...]} per line')
+    p.add_argument("--out", type=Path, required=True, help="directory for eval.json, eval.png and the vLLM logs")
+    p.add_argument("--json", dest="json_path", type=Path, default=None, help="report path (default OUT/eval.json)")
+    p.add_argument("--k", type=int, default=3, help="speculative tokens per round (eagle3 and n-gram)")
+    p.add_argument("--max-tokens", type=int, default=64, help="completion tokens per prompt")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (1 = sequential, batch 1)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="vLLM --dtype")
+    p.add_argument("--engine", default="vllm", help="vllm (the only one built so far)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config, parse_override
+    from trainer.train import train
+
+    overrides = dict(parse_override(text) for text in args.set or [])
+    for dest in [d for d, _, _ in _TRAIN_FLAGS.values()] + ["progress"]:
+        if getattr(args, dest) is not None:
+            overrides[dest] = getattr(args, dest)
+    result = train(load_config(args.config, overrides))
+    if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
+        print(f"trained to step {result.step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_eagle
+
+    out = export_eagle(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported to {out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import EvalConfig, evaluate
+
+    fields = ("target", "draft", "prompts", "out", "json_path", "k", "max_tokens", "concurrency", "dtype", "engine")
+    report = evaluate(EvalConfig(**{name: getattr(args, name) for name in fields}))
+    for way, r in report["ways"].items():
+        al = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
+        agree = "" if "greedy_agreement" not in r else f"  same text {r['greedy_agreement']:.0%}"
+        print(f"{way:7s} AL {al:>5s}  tokens/forward {r['tokens_per_forward']:.2f}  "
+              f"{r['output_tokens_per_s']:.1f} tok/s  {r['speedup']:.2f}x{agree}")
+    print(f"report {args.json_path or args.out / 'eval.json'}; chart {report['chart']}")
+    return 0

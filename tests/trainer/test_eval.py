@@ -1,0 +1,158 @@
+"""`specmill eval`: the default target served three ways by a real vLLM server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.evaluate import EvalConfig, WayRun, load_prompts, parse_spec_metrics, summarize
+
+REPO = Path(__file__).parents[2]
+AUX_IDS = (2, 15, 27)  # vLLM's default for a 30-layer target: residual entering those layers
+QUESTIONS = [
+    "List the days of the week in order.", "Explain why the sky is blue.", "What is the capital of France?",
+    "Write a short poem about the sea.", "Count from one to twenty in words.", "Describe how to boil an egg.",
+    "Name three primary colours.", "What does a compiler do?",
+]
+EVAL_PROMPTS = ["List the months of the year.", "Explain what a computer is.",
+                "Repeat the word apple five times.", "What is two plus two?"]
+
+
+def specmill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_metrics_page_counters_are_summed_and_read_per_position():
+    page = "\n".join([
+        '# TYPE vllm:spec_decode_num_drafts_total counter',
+        'vllm:spec_decode_num_drafts_total{engine="0",model_name="target"} 10.0',
+        'vllm:spec_decode_num_drafts_created{engine="0",model_name="target"} 1.7e9',
+        'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="target"} 30.0',
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="target"} 12.0',
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="target",position="0"} 7.0',
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="target",position="2"} 1.0',
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="target",position="1"} 4.0',
+    ])
+    m = parse_spec_metrics(page)
+    assert (m["drafts"], m["draft_tokens"], m["accepted_tokens"]) == (10.0, 30.0, 12.0)
+    assert m["per_pos"] == {0: 7.0, 1: 4.0, 2: 1.0}
+    assert parse_spec_metrics("")["drafts"] == 0.0
+
+
+def test_summary_computes_al_tokens_per_forward_and_agreement():
+    ref = WayRun(way="none", texts=["a", "b"], completion_tokens=[10, 10], seconds=2.0)
+    run = WayRun(way="eagle3", texts=["a", "c"], completion_tokens=[10, 10], seconds=1.0, drafts=8,
+                 draft_tokens=24, accepted=10, accepted_per_pos={0: 6, 1: 3, 2: 1})
+    s = summarize(run, ref)
+    assert s["acceptance_length"] == pytest.approx(1 + 10 / 8)
+    assert s["tokens_per_forward"] == pytest.approx(20 / 10)
+    assert s["acceptance_per_position"] == pytest.approx([6 / 8, 3 / 8, 1 / 8])
+    assert s["greedy_agreement"] == 0.5 and s["differing_prompts"] == [1]
+    none = summarize(ref, None)
+    assert none["acceptance_length"] is None and none["tokens_per_forward"] == 1.0
+
+
+def test_prompts_keep_the_turns_before_the_first_answer_and_bad_rows_are_named(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"},
+                                             {"role": "user", "content": "q2"}]}) + "\n")
+    assert load_prompts(good) == [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n" + '{"msgs": []}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
+        load_prompts(bad)
+
+
+def test_an_engine_other_than_vllm_is_refused_as_not_built(tmp_path):
+    with pytest.raises(ValueError, match="--engine 'torch' is not built yet"):
+        EvalConfig(target=tmp_path, draft=tmp_path, prompts=tmp_path / "p", out=tmp_path, engine="torch")
+
+
+def build_default_dataset(target: Path, out: Path) -> None:
+    """The target's own greedy answers to QUESTIONS with its real hidden states (via transformers):
+    the factory's output in miniature, small enough to build in minutes on 2 shared cores."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.manifest import DatasetHeader, TargetInfo
+    from shared.shards import Sample, ShardWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    cfg = model.config
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    header = DatasetHeader(
+        target=TargetInfo(name=target.name, config_sha256=digest(target / "config.json"),
+                          tokenizer_sha256=digest(target / "tokenizer.json"),
+                          chat_template_sha256=hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
+                          vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers),
+        hidden_size=cfg.hidden_size, dtype="bfloat16", aux_layer_ids=AUX_IDS,
+        aux_layer_convention="residual_entering_layer", last_hidden_state="pre_norm")
+    with ShardWriter(out, header) as writer, torch.no_grad():
+        for index, question in enumerate(QUESTIONS):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                   add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)["input_ids"]
+            ids = model.generate(prompt, max_new_tokens=32, do_sample=False)
+            captured = {}
+            hook = model.model.norm.register_forward_hook(lambda mod, args, o: captured.update(pre_norm=args[0]))
+            try:
+                hidden = model(ids, output_hidden_states=True).hidden_states
+            finally:
+                hook.remove()
+            n = ids.shape[1]
+            mask = torch.zeros(n, dtype=torch.uint8)
+            mask[prompt.shape[1]:] = 1
+            writer.add(Sample(sample_id=f"default-{index}", source_index=index, input_ids=ids[0].int(),
+                              loss_mask=mask,
+                              aux_hidden_states=torch.stack([hidden[i][0] for i in AUX_IDS], 1).bfloat16(),
+                              last_hidden_state=captured["pre_norm"][0].bfloat16().contiguous()))
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def default_draft(tmp_path_factory) -> tuple[Path, Path]:
+    from factory.default_model import DefaultModelConfig, prepare_default
+
+    target = prepare_default(DefaultModelConfig(engine_check=False))
+    root = tmp_path_factory.mktemp("eval")
+    build_default_dataset(target, root / "data")
+    trained = specmill("train", "--data", str(root / "data"), "--target", str(target), "--out", str(root / "run"),
+                       "--steps", "30", "--device", "cpu", "--token-budget", "512", "--draft-vocab-size", "2048",
+                       "--ttt-steps", "3", "--lr", "1e-3", "--no-progress")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = specmill("export", str(root / "run"), "--format", "eagle", "--out", str(root / "draft"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    return target, root / "draft"
+
+
+@pytest.mark.slow
+def test_eval_serves_three_ways_and_reports_acceptance_and_speedup(default_draft, tmp_path):
+    target, draft = default_draft
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+                               for q in EVAL_PROMPTS))
+    done = specmill("eval", "--target", str(target), "--draft", str(draft), "--prompts", str(prompts),
+                    "--out", str(tmp_path / "out"), "--max-tokens", "24", "--k", "3")
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    ways = report["ways"]
+    assert set(ways) == {"none", "ngram", "eagle3"}
+    assert ways["none"]["drafts"] == 0 and ways["none"]["acceptance_length"] is None
+    for way in ("ngram", "eagle3"):
+        r = ways[way]
+        assert r["drafts"] > 0 and r["acceptance_length"] >= 1.0, (way, r)
+        assert len(r["acceptance_per_position"]) <= 3
+        assert 0.0 <= r["greedy_agreement"] <= 1.0
+    for r in ways.values():
+        assert r["completion_tokens"] > 0
+        assert r["speedup"] == pytest.approx(r["output_tokens_per_s"] / ways["none"]["output_tokens_per_s"])
+    assert report["simulated_acceptance_length"]["available"] in (True, False)
+    assert (tmp_path / "out" / "eval.png").stat().st_size > 0
+    print(done.stdout)

@@ -1,0 +1,83 @@
+"""Export to the EAGLE-3 layout vLLM and SGLang load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from trainer.checkpoint import STATE_FILE, latest_checkpoint
+from trainer.export import export_eagle, load_exported, tensor_shapes
+from trainer.model import DraftArch, Eagle3Draft
+from trainer.train import train
+from trainer_fixtures import run_config
+
+EXPECTED_NAMES = {
+    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight", "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
+    "midlayer.post_attention_layernorm.weight", "fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d",
+}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, real_data, tiny_target):
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(run_config(out, real_data, tiny_target, steps=3, **{"draft.draft_vocab_size": 128}))
+    return out
+
+
+def test_export_writes_every_tensor_with_its_shape_and_the_config_engines_read(trained_run, tmp_path):
+    out = export_eagle(trained_run, tmp_path / "draft")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
+    assert config["num_hidden_layers"] == 1 and config["tie_word_embeddings"] is False
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["head_dim"]) == (64, 128, 4, 2, 16)
+    assert (config["vocab_size"], config["draft_vocab_size"], config["torch_dtype"]) == (512, 128, "bfloat16")
+    assert config["rope_theta"] == 10000.0 and config["max_position_embeddings"] == 512
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert config["eagle_config"]["use_aux_hidden_state"] is True
+    assert "residual_entering_layer" in config["eagle_config"]["aux_hidden_state_layer_convention"]
+    shapes = tensor_shapes(DraftArch(**{k: config[k] for k in DraftArch.__slots__}))
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == EXPECTED_NAMES
+        for name in EXPECTED_NAMES:
+            t = f.get_tensor(name)
+            assert tuple(t.shape) == shapes[name], name
+            assert t.dtype == {"d2t": torch.int64, "t2d": torch.bool}.get(name, torch.bfloat16), name
+        d2t, t2d = f.get_tensor("d2t"), f.get_tensor("t2d")
+    assert torch.equal(torch.arange(128) + d2t, t2d.nonzero().flatten())
+
+
+def test_export_carries_the_runs_simulated_acceptance_length_for_eval(trained_run, tmp_path):
+    from trainer.evaluate import simulated_acceptance_length
+
+    out = export_eagle(trained_run, tmp_path / "draft")
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    train_al = [r["al"] for r in records if r["split"] == "train"][-1]
+    val = [r["al"] for r in records if r["split"] == "val"]
+    got = simulated_acceptance_length(out)
+    assert got["available"] and got["value"] == (val[-1] if val else train_al)
+    assert got["simulated_acceptance_length_split"] == ("val" if val else "train")
+
+
+def test_an_export_loads_back_into_the_same_draft(trained_run, tmp_path, tiny_target):
+    from transformers import AutoConfig
+
+    out = export_eagle(trained_run, tmp_path / "draft32", dtype="float32")
+    loaded = load_exported(out)
+    state = torch.load(latest_checkpoint(trained_run / "checkpoints") / STATE_FILE, weights_only=True)["model"]
+    original = Eagle3Draft(loaded.arch)
+    original.load_state_dict(state)
+    h = torch.randn(5, 64)
+    torch.testing.assert_close(loaded.logits(h), original.logits(h), atol=0, rtol=0)
+    hf = AutoConfig.from_pretrained(out)  # what vLLM parses the file with
+    assert hf.num_hidden_layers == 1 and hf.draft_vocab_size == 128 and hf.head_dim == 16
+
+
+def test_export_of_a_directory_without_checkpoints_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        export_eagle(tmp_path, tmp_path / "out")

@@ -1,0 +1,116 @@
+"""The training loop: exact resume, refusal of foreign checkpoints, SIGTERM, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import CheckpointMismatch, STATE_FILE, latest_checkpoint, read_meta
+from trainer.train import train
+from trainer_fixtures import run_config
+
+
+def model_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(latest_checkpoint(out / "checkpoints") / STATE_FILE, weights_only=True)["model"]
+
+
+def test_resumed_run_continues_bit_for_bit_like_an_uninterrupted_one(tmp_path, synth_data, tiny_target):
+    straight = train(run_config(tmp_path / "straight", synth_data, tiny_target))
+    assert len(straight.losses) == 30
+
+    first = train(run_config(tmp_path / "resumed", synth_data, tiny_target, stop_after=10))
+    assert first.stopped_early and first.step == 10
+    assert first.losses == straight.losses[:10]
+    meta = read_meta(first.checkpoint)
+    assert meta["step"] == 10 and len(meta["data_position"]) == 1  # one rank
+    assert set(meta["data_position"][0]) == {"epoch", "cursor"}
+
+    again = train(run_config(tmp_path / "resumed", synth_data, tiny_target, stop_after=10))
+    assert again.step == 10 and again.losses == [] and again.stopped_early  # the same command: nothing to do
+
+    second = train(run_config(tmp_path / "resumed", synth_data, tiny_target))
+    assert second.step == 30 and len(second.losses) == 20
+    assert second.losses == straight.losses[10:]  # exact float equality, step by step
+    a, b = model_state(tmp_path / "straight"), model_state(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 31))
+    assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
+
+
+def test_a_checkpoint_from_another_config_or_data_set_is_refused(tmp_path, synth_data, real_data, tiny_target):
+    out = tmp_path / "run"
+    train(run_config(out, synth_data, tiny_target, stop_after=2))
+    with pytest.raises(CheckpointMismatch, match=r"optim\.lr: checkpoint 0\.001 != now 0\.002"):
+        train(run_config(out, synth_data, tiny_target, **{"optim.lr": 2e-3}))
+    with pytest.raises(CheckpointMismatch, match="data set fingerprint"):
+        train(run_config(out, real_data, tiny_target))
+    # run-control settings may change: a longer logging interval resumes fine
+    assert train(run_config(out, synth_data, tiny_target, steps=30, stop_after=3, log_every=5)).step == 3
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_data, tiny_target):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "shared.cli", "train", "--data", str(synth_data), "--target", str(tiny_target),
+           "--out", str(out), "--steps", "100000", "--token-budget", "160", "--draft-vocab-size", "200",
+           "--ttt-steps", "2", "--log-every", "1", "--checkpoint-every", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err
+    meta = read_meta(latest_checkpoint(out / "checkpoints"))
+    assert 3 <= meta["step"] < 100000
+
+
+def test_draft_learns_the_targets_own_distribution_and_generalises(tmp_path, real_data, tiny_target):
+    result = train(run_config(tmp_path / "run", real_data, tiny_target, steps=50, log_every=10,
+                              **{"checkpoint.every": 0, "data.token_budget": 512, "data.val_samples": 8,
+                                 "draft.draft_vocab_size": 256, "optim.lr": 1e-2, "optim.warmup_fraction": 0.1}))
+    train_records = [r for r in result.records if r["split"] == "train"]
+    first, last = train_records[0], train_records[-1]
+    assert last["loss"] < first["loss"] - 2.0
+    assert last["acc"][0] > max(0.2, 3 * first["acc"][0]) and last["al"] > first["al"] + 0.2
+    assert 0 <= last["data_wait"] < 1 and last["tokens_per_s"] > 0
+    (val,) = [r for r in result.records if r["split"] == "val"]  # held-out samples, never trained on
+    assert val["acc"][0] > 0.1 and val["al"] > 1.1  # chance is 1/256
+
+
+def test_two_data_parallel_ranks_split_the_data_and_resume_together(tmp_path, synth_data, tiny_target):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "shared.cli", "train", "--data", str(synth_data), "--target", str(tiny_target), "--out", str(out),
+           "--steps", "6", "--token-budget", "160", "--draft-vocab-size", "128", "--ttt-steps", "2",
+           "--log-every", "1", "--val-samples", "4", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    first = subprocess.run([*cmd, "--stop-after", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    meta = read_meta(latest_checkpoint(out / "checkpoints"))
+    assert meta["step"] == 3 and meta["identity"]["world_size"] == 2
+    assert len(meta["data_position"]) == 2 and meta["data_position"][0] != meta["data_position"][1]
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and second.stdout.count("trained to step 6") == 1
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["split"] == "val"] == [6]
+
+    with pytest.raises(CheckpointMismatch, match="world_size: checkpoint 2 != now 1"):
+        train(run_config(out, synth_data, tiny_target, steps=6, **{"data.val_samples": 4, "draft.draft_vocab_size": 128,
+                                                                  "ttt.steps": 2, "seed": 0, "optim.lr": 1e-4,
+                                                                  "checkpoint.every": 500, "log_every": 1}))

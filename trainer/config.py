@@ -1,0 +1,324 @@
+"""The training configuration: one dataclass per component, loaded from TOML in one place.
+
+A run is described by one TOML file (or only command-line flags); `load_config` is the
+only function that reads TOML. Each component receives its own section:
+
+    out = "runs/llama-eagle3"        steps = 20000        seed = 0
+    [target]     path = "/models/Llama-3.1-8B-Instruct"
+    [data]       path = "/data/shards"   token_budget = 4096   val_samples = 256
+    [draft]      draft_vocab_size = 32000
+    [ttt]        steps = 7   step_decay = 0.8
+    [optim]      lr = 1e-4   grad_clip = 0.5
+    [checkpoint] every = 500 keep = 2
+
+Relative paths in a TOML file are relative to that file; paths given as flags are
+relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "constant")
+
+# Fields that may change between a run and its resumption without changing what is
+# trained: where things are, how often we log or save, when to stop early. Every other
+# field must match the checkpoint (see checkpoint.check_compatible). The data set and
+# the target are identified by fingerprints, not by their paths.
+RUN_CONTROL_FIELDS = frozenset({
+    "out", "device", "stop_after", "log_every", "eval_every", "progress",
+    "target.path", "data.path", "data.prefetch", "checkpoint.every", "checkpoint.keep",
+})
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing or invalid; the message names the field and the fix."""
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{section}{name} must be an integer, got {value!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{section}{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+
+def _float(section: str, obj: Any, name: str, low: float, high: float) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{section}{name} must be a number, got {value!r}")
+    value = float(value)
+    if not (low <= value <= high) or math.isnan(value):
+        raise ConfigError(f"{section}{name} must lie in [{low}, {high}], got {value}")
+    object.__setattr__(obj, name, value)
+
+
+@dataclass(kw_only=True, slots=True)
+class TargetConfig:
+    """The target model: its HF directory (config.json + safetensors). Only the embedding,
+    the final norm and the lm_head are loaded from it."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        if self.path is None or str(self.path) == "":
+            raise ConfigError("target.path is required: set [target] path in the TOML file or pass --target DIR")
+        self.path = Path(self.path)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """The shard data set and how it is batched."""
+
+    path: Path
+    # Tokens in one packed batch (samples are concatenated until the next would not fit).
+    # The TTT attention keeps k score matrices of heads x L x L for the backward pass
+    # (~35 GB at L = 4096 for a Llama-8B-sized draft, k = 7): raise it with care.
+    token_budget: int = 4096
+    # Longer samples are cut to their first max_seq_len tokens; None = token_budget.
+    max_seq_len: int | None = None
+    # Samples held out for validation (a seeded choice, never trained on).
+    val_samples: int = 0
+    # Batches read ahead by the background thread.
+    prefetch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.path is None or str(self.path) == "":
+            raise ConfigError("data.path is required: set [data] path in the TOML file or pass --data DIR")
+        self.path = Path(self.path)
+        _positive("data.", self, "token_budget", "max_seq_len", "prefetch")
+        _positive("data.", self, "val_samples", allow_zero=True)
+        if self.max_seq_len is None:
+            self.max_seq_len = self.token_budget
+        if self.max_seq_len > self.token_budget:
+            raise ConfigError(f"data.max_seq_len ({self.max_seq_len}) exceeds data.token_budget "
+                              f"({self.token_budget}); raise token_budget or lower max_seq_len")
+
+
+@dataclass(kw_only=True, slots=True)
+class DraftConfig:
+    """The draft's size. hidden_size is always the target's (the draft reads its hidden
+    states and shares its embedding); the others default (None) to the target's config.json."""
+
+    # Capped at the number of distinct loss-masked ids in the data set (see vocab.py).
+    draft_vocab_size: int = 32000
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("draft.", self, "draft_vocab_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim")
+        if self.num_attention_heads and self.num_key_value_heads:
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ConfigError(f"draft.num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                                  f"of draft.num_key_value_heads ({self.num_key_value_heads})")
+
+
+@dataclass(kw_only=True, slots=True)
+class TTTConfig:
+    """Training-time test: how far the draft is unrolled on its own outputs."""
+
+    steps: int = 7
+    # Loss weight of unroll step i is step_decay ** i.
+    step_decay: float = 0.8
+
+    def __post_init__(self) -> None:
+        _positive("ttt.", self, "steps")
+        _float("ttt.", self, "step_decay", 0.0, 1.0)
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    schedule: str = "cosine"
+    # Linear warmup over this fraction of the run's steps, then the schedule.
+    warmup_fraction: float = 0.02
+    # Cosine decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _float("optim.", self, "lr", 0.0, 1.0)
+        if self.lr == 0:
+            raise ConfigError("optim.lr must be positive, got 0")
+        _float("optim.", self, "eps", 0.0, 1.0)
+        _float("optim.", self, "weight_decay", 0.0, 10.0)
+        _float("optim.", self, "grad_clip", 0.0, math.inf)
+        _float("optim.", self, "warmup_fraction", 0.0, 1.0)
+        _float("optim.", self, "min_lr_ratio", 0.0, 1.0)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    # Save every N steps (and at the end, and on SIGTERM); 0 = only at the end and on SIGTERM.
+    every: int = 500
+    # Keep the newest N checkpoints.
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.", self, "every", allow_zero=True)
+        _positive("checkpoint.", self, "keep")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    out: Path
+    steps: int
+    target: TargetConfig
+    data: DataConfig
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    # Validate every N steps (needs data.val_samples > 0); 0 = only at the end.
+    eval_every: int = 0
+    # Save and exit after this step, as a preempted job would (for tests and time-sliced queues).
+    stop_after: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.out is None or str(self.out) == "":
+            raise ConfigError("out is required: set out = DIR in the TOML file or pass --out DIR")
+        self.out = Path(self.out)
+        _positive("", self, "steps", "log_every", "stop_after")
+        _positive("", self, "eval_every", "seed", allow_zero=True)
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"progress must be true or false, got {self.progress!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.eval_every and not self.data.val_samples:
+            raise ConfigError(f"eval_every = {self.eval_every} needs held-out samples: set data.val_samples > 0 "
+                              "(or --val-samples N)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready resolved config (paths as strings)."""
+        return _jsonable(dataclasses.asdict(self))
+
+    def identity(self) -> dict[str, Any]:
+        """The flattened fields that define what is trained (everything but run control)."""
+        return {k: v for k, v in _flatten(self.to_dict()).items() if k not in RUN_CONTROL_FIELDS}
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Build the TrainConfig from a TOML file (optional) and dotted overrides
+    (`{"data.path": ..., "steps": 100}`), which win over the file."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        base, source = path.resolve().parent, str(path)
+        _resolve_paths(raw, base)
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[leaf] = value
+    return _build(TrainConfig, raw, prefix="", source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE in TOML syntax (bare words are taken as strings)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
+# --------------------------------------------------------------------------- internals
+
+_PATH_KEYS = (("out",), ("target", "path"), ("data", "path"))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_KEYS:
+        node = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = Path(node[keys[-1]]).expanduser()
+            node[keys[-1]] = p if p.is_absolute() else base / p
+
+
+def _build(cls: type, raw: dict[str, Any], *, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known in this section: {', '.join(prefix + f for f in fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = _SECTIONS.get(name) if cls is TrainConfig else None
+        if sub is not None:
+            if name in raw or f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                kwargs[name] = _build(sub, raw.get(name, {}), prefix=f"{name}.", source=source)
+        elif name in raw:
+            value = raw[name]
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = None  # __post_init__ says which setting or flag supplies it
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a value of the wrong kind reached a comparison
+        raise ConfigError(f"{source}: bad value in [{prefix.rstrip('.') or 'top level'}]: {e}") from None
+
+
+_SECTIONS = {"target": TargetConfig, "data": DataConfig, "draft": DraftConfig, "ttt": TTTConfig,
+             "optim": OptimConfig, "checkpoint": CheckpointConfig}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,222 @@
+"""Batches from a shard data set: seeded order, packing to a token budget, background
+prefetch, split across data-parallel ranks, and a position that resumes exactly.
+
+Order: epoch e reads `Dataset.sample_order(seed, epoch=e, rank, world_size)` (a seeded
+permutation dealt round-robin to ranks) minus the held-out validation samples. Batches are
+packed greedily in that order: samples are concatenated into one row until the next one
+would pass `token_budget` (a sample longer than `max_seq_len` is cut to its first
+`max_seq_len` tokens). A batch never spans two epochs, so the stream's position is just
+(epoch, cursor = index in the epoch's order of the next sample): the same position always
+yields the same batches, which is what makes resume exact.
+
+A background thread reads and packs `prefetch` batches ahead (pyarrow releases the GIL on
+its memory-mapped reads); `wait_seconds` counts how long the training loop was blocked on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from shared.shards import Dataset
+from trainer.config import DataConfig
+
+log = logging.getLogger("specmill.trainer")
+
+# The validation split is the first `val_samples` of the order of an epoch no run reaches.
+_VAL_EPOCH = 2**62
+
+
+@dataclass(kw_only=True, slots=True)
+class Position:
+    epoch: int = 0
+    cursor: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Batch:
+    """Samples packed into rows; doc_ids tell them apart (attention never crosses samples)."""
+
+    input_ids: torch.Tensor  # [B, L] int64
+    loss_mask: torch.Tensor  # [B, L] bool
+    doc_ids: torch.Tensor  # [B, L] int64, one id per packed sample
+    position_ids: torch.Tensor  # [B, L] int64, restarting at 0 in each sample
+    aux_hidden_states: torch.Tensor  # [B, L, 3, H] (the data set's dtype)
+    last_hidden_state: torch.Tensor  # [B, L, H]
+    samples: int
+    after: Position  # the stream's position once this batch is consumed
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def pin_memory(self) -> Batch:
+        return replace(self, **{k: getattr(self, k).pin_memory() for k in _TENSORS})
+
+    def to(self, device: torch.device) -> Batch:
+        return replace(self, **{k: getattr(self, k).to(device, non_blocking=True) for k in _TENSORS})
+
+
+_TENSORS = ("input_ids", "loss_mask", "doc_ids", "position_ids", "aux_hidden_states", "last_hidden_state")
+
+
+def pack(samples: list[dict[str, Any]], max_seq_len: int, after: Position) -> Batch:
+    """Concatenate samples into one row [1, L] (each cut to max_seq_len tokens)."""
+    cut = [{k: s[k][:max_seq_len] for k in ("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state")}
+           for s in samples]
+    lengths = [len(c["input_ids"]) for c in cut]
+
+    def cat(name: str) -> torch.Tensor:  # copies out of the read-only memory map
+        return torch.cat([c[name] for c in cut])[None]
+
+    return Batch(
+        input_ids=cat("input_ids").long(),
+        loss_mask=cat("loss_mask").bool(),
+        doc_ids=torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(lengths)])[None],
+        position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths])[None],
+        aux_hidden_states=cat("aux_hidden_states"),
+        last_hidden_state=cat("last_hidden_state"),
+        samples=len(samples),
+        after=after,
+    )
+
+
+def split_validation(ds: Dataset, *, seed: int, val_samples: int) -> np.ndarray:
+    """Indices of the held-out samples (sorted)."""
+    if val_samples >= len(ds):
+        raise ValueError(f"data.val_samples ({val_samples}) leaves nothing to train on in a data set of "
+                         f"{len(ds)} samples; lower it")
+    return np.sort(ds.sample_order(seed=seed, epoch=_VAL_EPOCH)[:val_samples])
+
+
+class PackedLoader:
+    """An endless stream of packed training batches with background prefetch.
+
+    `state_dict()` is the position after the last batch handed to the caller (not after
+    what the thread has read ahead); `load_state_dict()` restarts the stream there.
+    """
+
+    def __init__(self, ds: Dataset, config: DataConfig, *, seed: int, exclude: np.ndarray,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+        self.ds, self.config, self.seed = ds, config, seed
+        self.pin_memory = pin_memory  # page-locked batches copy to a GPU asynchronously
+        self.rank, self.world_size = rank, world_size
+        self._exclude = exclude
+        self._lengths = np.minimum(ds.lengths(), config.max_seq_len)
+        self._position = Position()
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch)
+        self._stop = threading.Event()
+        self.wait_seconds = 0.0
+        if len(self.epoch_order(0)) == 0:
+            raise ValueError(f"rank {rank} of {world_size} gets no training samples from {ds.dir} "
+                             f"({len(ds)} samples, {len(exclude)} held out)")
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        order = self.ds.sample_order(seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size)
+        return order[~np.isin(order, self._exclude)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._position.epoch, "cursor": self._position.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.close()
+        self._position = Position(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._thread is None:
+            self._stop.clear()
+            self._queue = queue.Queue(maxsize=self.config.prefetch)
+            self._thread = threading.Thread(target=self._produce, args=(self._position,),
+                                            name="specmill-prefetch", daemon=True)
+            self._thread.start()
+        started = time.perf_counter()
+        item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self._position = item.after
+        return item
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a put() on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+        self._thread = None
+
+    # -- the producer thread
+
+    def _produce(self, start: Position) -> None:
+        try:
+            for batch in self._batches(start):
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except Exception as e:  # handed to the training loop, which re-raises it
+            self._queue.put(e)
+
+    def _batches(self, start: Position) -> Iterator[Batch]:
+        epoch, cursor = start.epoch, start.cursor
+        budget = self.config.token_budget
+        while True:
+            order = self.epoch_order(epoch)
+            while cursor < len(order):
+                end, tokens = cursor, 0
+                while end < len(order) and (end == cursor or tokens + self._lengths[order[end]] <= budget):
+                    tokens += int(self._lengths[order[end]])
+                    end += 1
+                samples = [self.ds[int(i)] for i in order[cursor:end]]
+                after = Position(epoch=epoch, cursor=end) if end < len(order) else Position(epoch=epoch + 1)
+                batch = pack(samples, self.config.max_seq_len, after)
+                yield batch.pin_memory() if self.pin_memory else batch
+                if self._stop.is_set():
+                    return
+                cursor = end
+            epoch, cursor = epoch + 1, 0
+
+
+def validation_batches(ds: Dataset, indices: np.ndarray, config: DataConfig) -> Iterator[Batch]:
+    """The held-out samples packed in index order (no prefetch: validation is short)."""
+    lengths = np.minimum(ds.lengths(), config.max_seq_len)
+    group: list[int] = []
+    tokens = 0
+    for i in (int(i) for i in indices):
+        if group and tokens + int(lengths[i]) > config.token_budget:
+            yield pack([ds[j] for j in group], config.max_seq_len, Position())
+            group, tokens = [], 0
+        group.append(i)
+        tokens += int(lengths[i])
+    if group:
+        yield pack([ds[j] for j in group], config.max_seq_len, Position())
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """sha256 over the manifest header and every shard's checksum: names this data set's content."""
+    m = ds.manifest
+    header = {k: v for k, v in m.to_json().items() if k not in ("shards", "token_counts", "complete", "info")}
+    shards = [[s.file, s.rows, s.sha256] for s in m.shards]
+    return hashlib.sha256(json.dumps([header, shards], sort_keys=True).encode()).hexdigest()

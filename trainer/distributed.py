@@ -1,0 +1,115 @@
+"""Data parallelism across processes started by torchrun (one per GPU, or a few on CPU).
+
+Every rank holds the whole draft (it is one layer), reads its own share of the samples,
+and averages gradients with one all-reduce per step; there is no DDP wrapper because the
+TTT unroll calls the draft's parts, not its forward(). Rank 0 logs, writes metrics and
+checkpoints; the data position of every rank goes into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("specmill.trainer")
+
+
+@dataclass(kw_only=True, slots=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    owns_group: bool = False  # init_world started the process group (so close() ends it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """grad <- mean over ranks, as one flat all-reduce (a missing grad counts as zeros,
+        so every rank reduces the same layout)."""
+        if self.size == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        dist.all_reduce(flat)
+        flat /= self.size
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on one (all ranks stop at the same step)."""
+        return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item()) if self.size > 1 else flag
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """End the process group if init_world started it, all ranks together (a rank that
+        tears gloo down while another still talks to it can abort the process)."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_world(device: str) -> tuple[World, torch.device]:
+    """The process group (if torchrun started several processes) and this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but no CUDA device is visible; use device = 'cpu' or 'auto'")
+    if size == 1:
+        return World(), torch.device("cuda" if use_cuda else "cpu")
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    world = World(rank=dist.get_rank(), size=dist.get_world_size(), owns_group=owns)
+    if not world.is_main:
+        logging.getLogger("specmill").setLevel(logging.WARNING)
+    return world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
+
+
+class RankedLoaderState:
+    """The data position of every rank as one resumable component: state_dict() gathers
+    them (a collective: call it on every rank), load_state_dict() takes this rank's."""
+
+    def __init__(self, loader, world: World):
+        self.loader, self.world = loader, world
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world.size, "ranks": self.world.gather(self.loader.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world.size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has {self.world.size}; "
+                             "resume with the same number of processes")
+        self.loader.load_state_dict(state["ranks"][self.world.rank])

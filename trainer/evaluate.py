@@ -1,0 +1,274 @@
+"""`specmill eval`: serve the target with vLLM three ways on the same prompts and compare.
+
+    none    no speculation: the reference for greedy output and throughput
+    ngram   vLLM's prompt-lookup proposer: the baseline that needs no training
+    eagle3  the exported draft, k speculative tokens
+
+Each way gets its own server, started, used and stopped in turn (one at a time: the CPU
+build pins every core and takes GBs). Acceptance comes from the server's counters,
+diffed around the measured requests:
+
+    AL                  = 1 + accepted / drafts        (tokens per draft round)
+    tokens per forward  = completion / (completion - accepted)
+                          (each target forward yields 1 token plus the drafts it accepted)
+    acceptance at pos i = accepted_per_pos[i] / drafts
+
+Greedy decoding must give the same text with or without speculation; bf16 kernels may
+break exact equality now and then, so the agreeing fraction is reported, not enforced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.engine import VllmEngine
+
+log = logging.getLogger("specmill.trainer")
+
+WAYS = ("none", "ngram", "eagle3")
+ENGINES = ("vllm",)
+DTYPES = ("bfloat16", "float16", "float32")
+_METRIC = "vllm:spec_decode_num_{}_total"
+_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+# a Prometheus sample line: name, optional {labels}, value
+_SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
+_WARMUP = [{"role": "user", "content": "Say hello."}]
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    target: Path
+    draft: Path
+    prompts: Path
+    out: Path
+    json_path: Path | None = None  # None: out/eval.json
+    k: int = 3
+    max_tokens: int = 64
+    concurrency: int = 4
+    dtype: str = "bfloat16"
+    engine: str = "vllm"
+    max_model_len: int = 2048
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE; the CPU build's default reserves far more
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r} is not built yet; only --engine vllm is "
+                             "(specmill's own PyTorch speculative loop is future work)")
+        self.target, self.draft, self.prompts, self.out = map(Path, (self.target, self.draft, self.prompts, self.out))
+        if not (self.target / "config.json").is_file():
+            raise ValueError(f"--target must be a HF model directory with a config.json, got {self.target}")
+        if not (self.draft / "config.json").is_file() or not (self.draft / "model.safetensors").is_file():
+            raise ValueError(f"--draft must be an exported EAGLE-3 directory (config.json + model.safetensors; "
+                             f"see `specmill export --format eagle`), got {self.draft}")
+        if not self.prompts.is_file():
+            raise ValueError(f"--prompts must be a JSONL file, got {self.prompts}")
+        for name in ("k", "max_tokens", "concurrency", "max_model_len", "kv_cache_gib"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.json_path = Path(self.json_path) if self.json_path else self.out / "eval.json"
+
+
+@dataclass(slots=True)
+class WayRun:
+    """What one server gave: texts and token counts per prompt, counter deltas, wall time."""
+    way: str
+    texts: list[str]
+    completion_tokens: list[int]
+    seconds: float
+    drafts: float = 0.0
+    draft_tokens: float = 0.0
+    accepted: float = 0.0
+    accepted_per_pos: dict[int, float] = field(default_factory=dict)
+
+
+def load_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """Each JSONL row's messages up to its first assistant turn (the leading system/user turns)."""
+    prompts = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{line_no}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}} "
+                             f"({type(e).__name__}: {e})") from None
+        lead = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+                raise ValueError(f"{path}:{line_no}: messages[{i}] must have a role and a string content, got {m!r}")
+            if m["role"] == "assistant":
+                break
+            lead.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "user" for m in lead):
+            raise ValueError(f"{path}:{line_no}: no user turn before the first assistant turn")
+        prompts.append(lead)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def speculative_config(way: str, draft: Path, k: int) -> dict[str, Any] | None:
+    if way == "none":
+        return None
+    if way == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4}
+    if way == "eagle3":
+        return {"method": "eagle3", "model": str(draft.resolve()), "num_speculative_tokens": k}
+    raise ValueError(f"unknown way {way!r}; expected one of {WAYS}")
+
+
+def parse_spec_metrics(text: str) -> dict[str, Any]:
+    """Spec-decode counters from a /metrics page, summed over engines; absent counters read 0."""
+    names = {_METRIC.format(n): n for n in ("drafts", "draft_tokens", "accepted_tokens")}
+    totals = dict.fromkeys(names.values(), 0.0)
+    per_pos: dict[int, float] = {}
+    for line in text.splitlines():
+        if not (m := _SAMPLE.match(line)):
+            continue
+        name, labels, value = m.groups()
+        if name in names:
+            totals[names[name]] += float(value)
+        elif name == _PER_POS:
+            pos = int(re.search(r'position="(\d+)"', labels or "").group(1))
+            per_pos[pos] = per_pos.get(pos, 0.0) + float(value)
+    return {**totals, "per_pos": per_pos}
+
+
+def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -> WayRun:
+    args = ["--dtype", config.dtype, "--enforce-eager", "--max-model-len", str(config.max_model_len),
+            "--served-model-name", "target"]
+    if (spec := speculative_config(way, config.draft, config.k)) is not None:
+        args += ["--speculative-config", json.dumps(spec)]
+    engine = VllmEngine(config.target, args, log_path=config.out / f"vllm-{way}.log",
+                        env={"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib)})
+    import httpx
+
+    with engine, httpx.Client(base_url=engine.base_url, timeout=config.request_timeout_s) as client:
+        _chat(client, _WARMUP, 8)  # the first request pays one-off costs that would skew tokens/s
+        before = parse_spec_metrics(client.get("/metrics").text)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(config.concurrency) as pool:
+            answers = list(pool.map(lambda messages: _chat(client, messages, config.max_tokens), prompts))
+        seconds = time.perf_counter() - started
+        after = parse_spec_metrics(client.get("/metrics").text)
+    positions = sorted(set(after["per_pos"]) | set(before["per_pos"]))
+    return WayRun(way=way, texts=[a[0] for a in answers], completion_tokens=[a[1] for a in answers], seconds=seconds,
+                  drafts=after["drafts"] - before["drafts"],
+                  draft_tokens=after["draft_tokens"] - before["draft_tokens"],
+                  accepted=after["accepted_tokens"] - before["accepted_tokens"],
+                  accepted_per_pos={p: after["per_pos"].get(p, 0.0) - before["per_pos"].get(p, 0.0)
+                                    for p in positions})
+
+
+def _chat(client: Any, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
+    response = client.post("/v1/chat/completions", json={"model": "target", "messages": messages,
+                                                          "temperature": 0.0, "max_tokens": max_tokens})
+    if response.status_code != 200:
+        raise RuntimeError(f"vLLM answered {response.status_code} to a chat request: {response.text[:500]}")
+    body = response.json()
+    return body["choices"][0]["message"]["content"] or "", int(body["usage"]["completion_tokens"])
+
+
+def summarize(run: WayRun, reference: WayRun | None) -> dict[str, Any]:
+    completion = sum(run.completion_tokens)
+    speculating = run.drafts > 0
+    summary = {
+        "drafts": run.drafts, "draft_tokens": run.draft_tokens, "accepted_tokens": run.accepted,
+        "completion_tokens": completion, "seconds": run.seconds,
+        "output_tokens_per_s": completion / run.seconds,
+        "acceptance_length": 1 + run.accepted / run.drafts if speculating else None,
+        # forwards = completion - accepted: each forward yields one token of its own plus the accepted drafts
+        "tokens_per_forward": completion / (completion - run.accepted) if completion > run.accepted else None,
+        "acceptance_per_position": ([run.accepted_per_pos.get(p, 0.0) / run.drafts
+                                     for p in range(max(run.accepted_per_pos, default=-1) + 1)]
+                                    if speculating else []),
+        "texts": run.texts,
+    }
+    if reference is not None:
+        same = [a == b for a, b in zip(run.texts, reference.texts, strict=True)]
+        summary["greedy_agreement"] = sum(same) / len(same)
+        summary["differing_prompts"] = [i for i, s in enumerate(same) if not s]
+    return summary
+
+
+def simulated_acceptance_length(draft: Path) -> dict[str, Any]:
+    """The trainer's simulated AL for this draft, if its export recorded one in config.json's specmill section."""
+    section = json.loads((draft / "config.json").read_text()).get("specmill")
+    if not isinstance(section, dict) or section.get("simulated_acceptance_length") is None:
+        return {"available": False,
+                "reason": "the export's config.json has no specmill.simulated_acceptance_length"}
+    return {"available": True, "value": float(section["simulated_acceptance_length"]),
+            **{k: section[k] for k in ("simulated_acceptance_length_split", "step", "ttt_steps") if k in section}}
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Serve the target three ways, write the JSON report and chart, return the report."""
+    prompts = load_prompts(config.prompts)
+    config.out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for way in WAYS:
+        log.info("eval: %s on %d prompts (max_tokens %d, concurrency %d)", way, len(prompts), config.max_tokens,
+                 config.concurrency)
+        runs[way] = run_way(way, config, prompts)
+    ways = {way: summarize(run, None if way == "none" else runs["none"]) for way, run in runs.items()}
+    base = ways["none"]["output_tokens_per_s"]
+    for summary in ways.values():
+        summary["speedup"] = summary["output_tokens_per_s"] / base
+    report = {
+        "target": str(config.target), "draft": str(config.draft), "prompts": str(config.prompts),
+        "num_prompts": len(prompts), "k": config.k, "max_tokens": config.max_tokens,
+        "concurrency": config.concurrency, "batching": "sequential" if config.concurrency == 1 else
+        f"up to {config.concurrency} requests in flight", "engine": config.engine, "dtype": config.dtype,
+        "decoding": "greedy (temperature 0)",
+        "simulated_acceptance_length": simulated_acceptance_length(config.draft),
+        "ways": ways,
+    }
+    config.json_path.parent.mkdir(parents=True, exist_ok=True)
+    config.json_path.write_text(json.dumps(report, indent=1))
+    report["chart"] = str(plot_report(report, config.out / "eval.png"))
+    return report
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """Left: AL and tokens per forward per way; right: acceptance rate per draft position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ways = report["ways"]
+    fig, (ax_al, ax_pos) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(ways)
+    width = 0.38
+    for offset, key, label in ((-width / 2, "acceptance_length", "acceptance length"),
+                               (width / 2, "tokens_per_forward", "tokens per target forward")):
+        values = [ways[n][key] for n in names]  # None: no drafts (no speculation), so no AL
+        bars = ax_al.bar([i + offset for i in range(len(names))], [v or 0.0 for v in values], width, label=label)
+        ax_al.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=8)
+    ax_al.set_xticks(range(len(names)), [f"{n}\n{ways[n]['speedup']:.2f}x" for n in names])
+    ax_al.set_title(f"per way (k={report['k']}; speedup under the name)")
+    ax_al.legend(fontsize=8)
+    for name in names:
+        rates = ways[name]["acceptance_per_position"]
+        if rates:
+            ax_pos.plot(range(len(rates)), rates, "o-", label=name)
+    ax_pos.set_xticks(range(report["k"]))
+    ax_pos.set_xlabel("draft position")
+    ax_pos.set_ylabel("accepted / drafts")
+    ax_pos.set_ylim(0, 1.05)
+    ax_pos.set_title("per-position acceptance")
+    ax_pos.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

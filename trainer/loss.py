@@ -1,0 +1,136 @@
+"""Training-time test (TTT): the draft unrolled k steps on its own outputs, and its loss.
+
+Alignment (the usual trap). Tokens x_0..x_{T-1} of one sample; the target's hidden state at
+position t has read x_0..x_t, so its distribution p_t = P_target(x_{t+1} | x_<=t).
+
+    draft position t, unroll step s = 0..k-1:
+      hidden input   h^0_t = fc(aux_t)                  (the target's features at t)
+                     h^s_t = draft output of step s-1 at t  (its own pre-norm hidden; s > 0)
+      token input    x_{t+1+s}                          (teacher-forced)
+      rope position  t + s                              (where that draft token sits at inference)
+      predicts       x_{t+2+s};  target q*_{t,s} = p_{t+1+s} restricted to the draft vocab
+      counted iff    t+2+s is in the same sample, loss_mask[t+2+s] = 1 (the predicted token is
+                     one the draft learns), and argmax p_{t+1+s} is in the draft vocab
+
+Step 0 is the draft's first proposal after the target verified x_{t+1}; step s is its
+(s+1)-th proposal in the same chain. This matches vLLM's EAGLE-3 proposer: draft input
+ids are the target's shifted left by one, positions unshifted, then +1 per draft step.
+
+Loss (forward KL up to the constant entropy of p, i.e. soft cross-entropy), with
+V_s the counted positions of step s and w_s = step_decay^s:
+
+    L = sum_s w_s * (1/|V_s|) * sum_{t in V_s} -sum_v p_{t+1+s}(v) log q^s_t(v)
+    p_j(v)   = softmax_v( lm_head_target(norm_target(last_j))[draft_ids] )   (norm only if pre-norm)
+    q^s_t(v) = softmax_v( lm_head(norm(h^{s+1}_t)) )
+
+acc_s = fraction of V_s where argmax q^s_t = argmax p_{t+1+s}; the simulated acceptance
+length is 1 + sum_k prod_{i<=k} acc_i (a chain stops at its first miss; +1 bonus token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TTTConfig
+from trainer.data import Batch
+from trainer.model import Eagle3Draft
+from trainer.target import TargetHead
+
+# Positions per chunk when computing full-vocab target logits (bounds memory at chunk x V).
+TARGET_CHUNK = 1024
+
+
+@dataclass(kw_only=True, slots=True)
+class TargetDist:
+    probs: torch.Tensor  # [B, L, N] p_j over the draft vocab (fp32)
+    top1: torch.Tensor  # [B, L] int64 draft index of argmax p_j (valid where in_vocab)
+    in_vocab: torch.Tensor  # [B, L] bool: the target's top-1 over its full vocab is a draft id
+
+
+@dataclass(kw_only=True, slots=True)
+class TTTOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    step_loss: torch.Tensor  # [k] mean soft CE per step (detached)
+    correct: torch.Tensor  # [k] int64: positions where the draft's top-1 = the target's
+    counted: torch.Tensor  # [k] int64: |V_s|
+
+
+@torch.no_grad()
+def target_distribution(head: TargetHead, last_hidden_state: torch.Tensor, draft: Eagle3Draft) -> TargetDist:
+    """p_j for every position j, from the stored last hidden state through the target's head."""
+    draft_ids = draft.draft_ids  # [N]
+    probs, top1, in_vocab = [], [], []
+    flat = last_hidden_state.flatten(0, -2)  # [B*L, H]
+    for chunk in flat.split(TARGET_CHUNK):
+        logits = head(chunk).float()  # [c, V]
+        best = logits.argmax(-1)  # [c] target top-1
+        in_vocab.append(draft.t2d[best])
+        top1.append(torch.searchsorted(draft_ids, best).clamp_max(draft_ids.numel() - 1))
+        probs.append(torch.softmax(logits[:, draft_ids], dim=-1))  # [c, N]
+    shape = last_hidden_state.shape[:-1]
+    return TargetDist(probs=torch.cat(probs).view(*shape, -1), top1=torch.cat(top1).view(shape),
+                      in_vocab=torch.cat(in_vocab).view(shape))
+
+
+def shift_left(x: torch.Tensor, n: int, fill: float | int | bool) -> torch.Tensor:
+    """y[:, t] = x[:, t + n] along dim 1, `fill` past the end."""
+    pad = x.new_full((x.shape[0], min(n, x.shape[1]), *x.shape[2:]), fill)
+    return torch.cat([x[:, n:], pad], dim=1)
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L]: query t sees key t' iff t' <= t within the same packed sample."""
+    l = doc_ids.shape[1]
+    causal = torch.ones(l, l, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same)[:, None]
+
+
+def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int) -> list[torch.Tensor]:
+    """Run the draft `steps` times; returns h^{s+1} (the pre-norm output of step s), each [B, L, H]."""
+    prefix_mask = block_causal_mask(batch.doc_ids)  # [B, 1, L, L]
+    hidden = draft.fuse(batch.aux_hidden_states)  # h^0 = fc(aux): [B, L, H]
+    cache: list = []
+    outputs = []
+    for s in range(steps):
+        tokens = shift_left(batch.input_ids, 1 + s, 0)  # x_{t+1+s}: [B, L]
+        hidden = draft.layer(draft.embed(tokens), hidden, batch.position_ids + s, cache, prefix_mask)
+        outputs.append(hidden)
+    return outputs
+
+
+def counted_positions(batch: Batch, target: TargetDist, s: int) -> torch.Tensor:
+    """[B, L] bool: positions t whose step-s prediction (of x_{t+2+s}) is scored."""
+    same_sample = shift_left(batch.doc_ids, 2 + s, -1) == batch.doc_ids
+    learned = shift_left(batch.loss_mask, 2 + s, False)
+    return same_sample & learned & shift_left(target.in_vocab, 1 + s, False)
+
+
+def ttt_loss(draft: Eagle3Draft, head: TargetHead, batch: Batch, config: TTTConfig) -> TTTOutput:
+    target = target_distribution(head, batch.last_hidden_state, draft)
+    outputs = ttt_unroll(draft, batch, config.steps)
+    loss = torch.zeros((), device=batch.input_ids.device)
+    step_loss, correct, counted = [], [], []
+    for s, hidden in enumerate(outputs):
+        b, t = counted_positions(batch, target, s).nonzero(as_tuple=True)  # the V_s positions
+        logq = F.log_softmax(draft.logits(hidden[b, t]).float(), dim=-1)  # [|V_s|, N]
+        p = target.probs[b, t + 1 + s]  # [|V_s|, N]
+        soft_ce = -(p * logq).sum(-1).sum() / max(len(b), 1)
+        loss = loss + config.step_decay**s * soft_ce
+        step_loss.append(soft_ce.detach())
+        correct.append((logq.argmax(-1) == target.top1[b, t + 1 + s]).sum())
+        counted.append(torch.tensor(len(b), device=loss.device))
+    return TTTOutput(loss=loss, step_loss=torch.stack(step_loss), correct=torch.stack(correct),
+                     counted=torch.stack(counted))
+
+
+def acceptance_length(acc: list[float]) -> float:
+    """1 + sum_k prod_{i<=k} acc_i."""
+    total, run = 1.0, 1.0
+    for a in acc:
+        run *= a
+        total += run
+    return total
