@@ -22,4 +22,14 @@ if [[ $extras == cpu* ]]; then
     # left installed, they break `import transformers` against the CPU torch.
     "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# pyenv finds console scripts through shims, which only `pip` (not `python -m pip`) refreshes.
+if command -v pyenv >/dev/null 2>&1; then
+    pyenv rehash
+fi
 "$PY" -c "import torch, transformers, vllm, pyarrow, ray, fastapi; print('specmill: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+if ! command -v specmill >/dev/null 2>&1; then
+    echo "specmill: installed, but the 'specmill' command is not on PATH;" \
+         "add $("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH," \
+         "or run it as: $PY -m shared.cli" >&2
+    exit 1
+fi
