@@ -21,14 +21,18 @@ log = logging.getLogger("specmill.demo")
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
     workdir: Path
-    samples: int = 64  # training conversations resampled by the target
+    samples: int = 128  # training conversations resampled by the target
     max_tokens: int = 128  # per answer turn
-    steps: int = 300  # training steps
+    steps: int = 200  # training steps
+    # Packed tokens per step and unroll length, sized for 2 CPU cores (a step of the
+    # trainer's defaults, 4096 tokens x 7 steps, takes ~30 s there).
+    token_budget: int = 1024
+    ttt_steps: int = 3
     eval_prompts: int = 16
     k: int = 3  # speculative tokens
 
     def __post_init__(self) -> None:
-        for name in ("samples", "max_tokens", "steps", "eval_prompts", "k"):
+        for name in ("samples", "max_tokens", "steps", "eval_prompts", "k", "token_budget", "ttt_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"demo: {name} must be positive, got {getattr(self, name)}")
 
@@ -64,7 +68,8 @@ def run_demo(config: DemoConfig) -> int:
          "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens))
     step("verify the shards", "shards", "verify", str(data))
     step(f"train the EAGLE-3 draft ({config.steps} steps)", "train", "--data", str(data), "--target", model,
-         "--out", str(run), "--steps", str(config.steps))
+         "--out", str(run), "--steps", str(config.steps), "--set", f"data.token_budget={config.token_budget}",
+         "--set", f"ttt.steps={config.ttt_steps}", "--set", "log_every=20")
     step("export it in the EAGLE format vLLM loads", "export", str(run), "--format", "eagle", "--out", str(draft))
     step(f"take {config.eval_prompts} held-out prompts from another package (OpenAI evals)", "factory",
          "prompts", "--source", "evals", "--n", str(config.eval_prompts), "--out", str(eval_prompts),
