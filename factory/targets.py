@@ -330,7 +330,40 @@ class Target(Protocol):
 # --------------------------------------------------------------------------- transformers backend
 
 
-class HFTarget:
+class TargetMetadata:
+    """What every backend reports for the manifest, from its `name`, `num_layers`,
+    `hidden_size`, `vocab_size` and `_fingerprints`."""
+
+    @property
+    def default_aux_layer_ids(self) -> tuple[int, int, int]:
+        return default_aux_layer_ids(self.num_layers)
+
+    def target_info(self) -> TargetInfo:
+        return TargetInfo(name=self.name, vocab_size=self.vocab_size, num_hidden_layers=self.num_layers,
+                          **self._fingerprints)
+
+    def header(self, *, aux_layer_ids: Sequence[int] | None = None, dtype: str = "bfloat16") -> DatasetHeader:
+        ids = self.check_aux_layer_ids(aux_layer_ids)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        return DatasetHeader(target=self.target_info(), hidden_size=self.hidden_size, dtype=dtype,
+                             aux_layer_ids=ids, aux_layer_convention=AUX_LAYER_CONVENTION,
+                             last_hidden_state=LAST_HIDDEN_STATE)
+
+    def check_aux_layer_ids(self, ids: Sequence[int] | None) -> tuple[int, int, int]:
+        if ids is None:
+            ids = self.default_aux_layer_ids
+        ids = tuple(int(i) for i in ids)
+        if len(ids) != 3 or not all(0 <= i <= self.num_layers for i in ids):
+            raise ValueError(f"aux_layer_ids must be 3 ids in [0, {self.num_layers}] ({self.name} has "
+                             f"{self.num_layers} layers; id i is the residual entering layer i, {self.num_layers} "
+                             f"the final norm's input), got {ids}")
+        if len(set(ids)) < 3:
+            log.warning("aux_layer_ids %s repeat a layer; with %d layers pick three distinct ids", ids, self.num_layers)
+        return ids  # type: ignore[return-value]
+
+
+class HFTarget(TargetMetadata):
     """A target run by transformers in this process."""
 
     def __init__(self, config: TargetConfig):
@@ -369,34 +402,6 @@ class HFTarget:
     @classmethod
     def load(cls, config: TargetConfig) -> HFTarget:
         return cls(config)
-
-    @property
-    def default_aux_layer_ids(self) -> tuple[int, int, int]:
-        return default_aux_layer_ids(self.num_layers)
-
-    def target_info(self) -> TargetInfo:
-        return TargetInfo(name=self.name, vocab_size=self.vocab_size, num_hidden_layers=self.num_layers,
-                          **self._fingerprints)
-
-    def header(self, *, aux_layer_ids: Sequence[int] | None = None, dtype: str = "bfloat16") -> DatasetHeader:
-        ids = self.check_aux_layer_ids(aux_layer_ids)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        return DatasetHeader(target=self.target_info(), hidden_size=self.hidden_size, dtype=dtype,
-                             aux_layer_ids=ids, aux_layer_convention=AUX_LAYER_CONVENTION,
-                             last_hidden_state=LAST_HIDDEN_STATE)
-
-    def check_aux_layer_ids(self, ids: Sequence[int] | None) -> tuple[int, int, int]:
-        if ids is None:
-            ids = self.default_aux_layer_ids
-        ids = tuple(int(i) for i in ids)
-        if len(ids) != 3 or not all(0 <= i <= self.num_layers for i in ids):
-            raise ValueError(f"aux_layer_ids must be 3 ids in [0, {self.num_layers}] ({self.name} has "
-                             f"{self.num_layers} layers; id i is the residual entering layer i, {self.num_layers} "
-                             f"the final norm's input), got {ids}")
-        if len(set(ids)) < 3:
-            log.warning("aux_layer_ids %s repeat a layer; with %d layers pick three distinct ids", ids, self.num_layers)
-        return ids  # type: ignore[return-value]
 
     def position_ids(self, input_ids: torch.Tensor, media: Sequence[EncodedMedia],
                      spans: Sequence[tuple[str, int, int]]) -> torch.Tensor | None:

@@ -38,12 +38,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from shared.manifest import DTYPES, DatasetHeader, TargetInfo
+from shared.manifest import DTYPES, DatasetHeader
 from shared.shards import Sample
 
 from factory.render import RenderedRow
-from factory.targets import (AUX_LAYER_CONVENTION, LAST_HIDDEN_STATE, EncodedMedia, Frontend, TargetConfig,
-                             TargetError, _fingerprints, _read_json, default_aux_layer_ids, spec_for)
+from factory.targets import (EncodedMedia, Frontend, TargetConfig, TargetError, TargetMetadata, _fingerprints,
+                             _read_json, spec_for)
 from factory.vllm_server import VllmServer, VllmServerConfig
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class VllmCaptureConfig:
             raise ValueError("startup_timeout_s and request_timeout_s must be positive")
 
 
-class VllmTarget:
+class VllmTarget(TargetMetadata):
     """A text target run by a vLLM server that captures hidden states (the `Target` protocol).
 
     Loads only the frontend and config.json here; `start()` (or `with`) starts the server,
@@ -132,30 +132,6 @@ class VllmTarget:
         self._own_storage = False
 
     # -- the Target protocol (metadata)
-
-    @property
-    def default_aux_layer_ids(self) -> tuple[int, int, int]:
-        return default_aux_layer_ids(self.num_layers)
-
-    def target_info(self) -> TargetInfo:
-        return TargetInfo(name=self.name, vocab_size=self.vocab_size, num_hidden_layers=self.num_layers,
-                          **self._fingerprints)
-
-    def header(self, *, aux_layer_ids: Sequence[int] | None = None, dtype: str = "bfloat16") -> DatasetHeader:
-        ids = self.check_aux_layer_ids(aux_layer_ids)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        return DatasetHeader(target=self.target_info(), hidden_size=self.hidden_size, dtype=dtype,
-                             aux_layer_ids=ids, aux_layer_convention=AUX_LAYER_CONVENTION,
-                             last_hidden_state=LAST_HIDDEN_STATE)
-
-    def check_aux_layer_ids(self, ids: Sequence[int] | None) -> tuple[int, int, int]:
-        ids = tuple(int(i) for i in (self.default_aux_layer_ids if ids is None else ids))
-        if len(ids) != 3 or not all(0 <= i <= self.num_layers for i in ids):
-            raise ValueError(f"aux_layer_ids must be 3 ids in [0, {self.num_layers}] ({self.name} has "
-                             f"{self.num_layers} layers; id i is the residual entering layer i, {self.num_layers} "
-                             f"the final norm's input), got {ids}")
-        return ids  # type: ignore[return-value]
 
     def position_ids(self, input_ids: torch.Tensor, media: Sequence[EncodedMedia],
                      spans: Sequence[tuple[str, int, int]]) -> None:
