@@ -32,6 +32,18 @@ log = logging.getLogger("specmill.factory.capture")
 Captured = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]
 
 
+def check_storage_fields(dtype: str, aux_layer_ids) -> tuple[int, int, int] | None:
+    """Validate the two settings every capture backend shares; returns the ids as a tuple."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if aux_layer_ids is None:
+        return None
+    ids = tuple(int(i) for i in aux_layer_ids)
+    if len(ids) != 3:
+        raise ValueError(f"aux_layer_ids must name 3 layers, got {ids}")
+    return ids
+
+
 @dataclass(kw_only=True, slots=True)
 class CaptureConfig:
     aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (2, L//2, L-3)
@@ -40,12 +52,7 @@ class CaptureConfig:
     max_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.aux_layer_ids is not None:
-            self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
-            if len(self.aux_layer_ids) != 3:
-                raise ValueError(f"aux_layer_ids must name 3 layers, got {self.aux_layer_ids}")
+        self.aux_layer_ids = check_storage_fields(self.dtype, self.aux_layer_ids)
         if self.max_batch_tokens < 1 or self.max_batch_size < 1:
             raise ValueError(f"max_batch_tokens and max_batch_size must be positive, got "
                              f"{self.max_batch_tokens} and {self.max_batch_size}")

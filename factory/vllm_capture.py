@@ -38,9 +38,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from shared.manifest import DTYPES, DatasetHeader
+from shared.manifest import DatasetHeader
 from shared.shards import Sample
 
+from factory.capture import check_storage_fields
 from factory.render import RenderedRow
 from factory.targets import (EncodedMedia, Frontend, TargetConfig, TargetError, TargetMetadata, _fingerprints,
                              _read_json, spec_for)
@@ -80,12 +81,7 @@ class VllmCaptureConfig:
     request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.aux_layer_ids is not None:
-            self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
-            if len(self.aux_layer_ids) != 3:
-                raise ValueError(f"aux_layer_ids must name 3 layers, got {self.aux_layer_ids}")
+        self.aux_layer_ids = check_storage_fields(self.dtype, self.aux_layer_ids)
         for name in ("max_concurrency", "max_length", "kv_cache_gib"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
