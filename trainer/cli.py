@@ -47,11 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export a trained draft for vLLM / SGLang")
     p.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run's --out (its newest checkpoint)")
-    p.add_argument("--format", choices=("eagle",), required=True,
-                   help="eagle: LlamaForCausalLMEagle3 (vLLM, SGLang); the speculators format is not done yet")
+    p.add_argument("--format", choices=("eagle", "speculators"), required=True,
+                   help="eagle: LlamaForCausalLMEagle3 (vLLM, SGLang); speculators: Eagle3Speculator "
+                        "(vllm-project/speculators layout, which vLLM detects)")
     p.add_argument("--out", type=Path, required=True, help="directory to write")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="dtype of the exported weights")
+    p.add_argument("--verifier", type=Path, default=None,
+                   help="speculators: the target model path the config names (default: the run's target path)")
+    p.add_argument("--speculative-tokens", type=int, default=None,
+                   help="speculators: draft length the config declares (default: the run's TTT steps)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="measure a draft in vLLM against no speculation and the n-gram proposer",
@@ -86,9 +91,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from trainer.export import export_eagle
+    from trainer.export import export
 
-    out = export_eagle(args.checkpoint, args.out, dtype=args.dtype)
+    out = export(args.checkpoint, args.out, format=args.format, dtype=args.dtype, verifier=args.verifier,
+                 speculative_tokens=args.speculative_tokens)
     print(f"exported to {out}")
     return 0
 

@@ -1,9 +1,18 @@
 """Export a checkpoint as an EAGLE-3 draft directory that vLLM and SGLang load.
 
+--format eagle (vLLM, SGLang/SpecForge):
     DIR/config.json        LlamaForCausalLMEagle3, one layer, every field the engines read
     DIR/model.safetensors  midlayer.*, fc.weight, norm.weight, lm_head.weight, d2t, t2d
 
-The token embedding is not written: the engines share the target's.
+--format speculators (vllm-project/speculators; vLLM detects it by `speculators_config`):
+    DIR/config.json        Eagle3Speculator: speculators_model_type, speculators_config
+                           (algorithm, proposal_methods, default_proposal_method, verifier),
+                           transformer_layer_config (the one Llama layer), draft_vocab_size,
+                           norm_before_residual, target_hidden_size, aux layer ids
+    DIR/model.safetensors  layers.0.*, fc.weight, norm.weight, lm_head.weight, d2t, t2d
+
+The same tensors in both: only the decoder layer's prefix differs. The token embedding is
+not written: the engines share the target's.
 
 Aux layer ids. vLLM's `eagle_aux_hidden_state_layer_ids` number the residual stream
 *entering* decoder layer i (= HF `output_hidden_states[i]`). The data set's manifest says
@@ -28,7 +37,7 @@ from trainer.model import DraftArch, Eagle3Draft
 
 log = logging.getLogger("specmill.trainer")
 
-FORMATS = ("eagle",)
+FORMATS = ("eagle", "speculators")
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 AUX_CONVENTION_NOTE = ("residual_entering_layer: id i is the residual stream entering decoder layer i, "
                        "i.e. HF output_hidden_states[i] (vLLM's numbering)")
@@ -65,13 +74,12 @@ def vllm_aux_layer_ids(ids: list[int], convention: str) -> list[int]:
     raise ValueError(f"unknown aux_layer_convention {convention!r} in the checkpoint's meta.json")
 
 
-def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+def layer_config(arch: DraftArch, dtype: str) -> dict[str, Any]:
+    """The one Llama decoder layer as a HF LlamaConfig reads it (both formats carry it)."""
     return {
-        "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
         "num_hidden_layers": 1,
         "hidden_size": arch.hidden_size,
-        "target_hidden_size": arch.hidden_size,
         "intermediate_size": arch.intermediate_size,
         "num_attention_heads": arch.num_attention_heads,
         "num_key_value_heads": arch.num_key_value_heads,
@@ -82,28 +90,80 @@ def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str,
         "rope_scaling": arch.rope_scaling,
         "max_position_embeddings": arch.max_position_embeddings,
         "vocab_size": arch.vocab_size,
-        "draft_vocab_size": arch.draft_vocab_size,
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
+        "torch_dtype": dtype,
+    }
+
+
+def specmill_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """Where the draft came from (engines ignore it; `specmill eval` reads it)."""
+    return {
+        "step": meta["step"],
+        "target": meta["target_name"],
+        "dataset_aux_layer_ids": meta["aux_layer_ids"],
+        "dataset_aux_layer_convention": meta["aux_layer_convention"],
+        "dataset_fingerprint": meta["dataset_fingerprint"],
+        "ttt_steps": meta["config"]["ttt"]["steps"],
+    }
+
+
+def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        **layer_config(arch, dtype),
+        "target_hidden_size": arch.hidden_size,
+        "draft_vocab_size": arch.draft_vocab_size,
         "norm_before_residual": False,
         "norm_before_fc": False,
-        "torch_dtype": dtype,
         "eagle_config": {
             "eagle_aux_hidden_state_layer_ids": vllm_aux_layer_ids(meta["aux_layer_ids"],
                                                                    meta["aux_layer_convention"]),
             "use_aux_hidden_state": True,
             "aux_hidden_state_layer_convention": AUX_CONVENTION_NOTE,
         },
-        "specmill": {
-            "step": meta["step"],
-            "target": meta["target_name"],
-            "dataset_aux_layer_ids": meta["aux_layer_ids"],
-            "dataset_aux_layer_convention": meta["aux_layer_convention"],
-            "dataset_fingerprint": meta["dataset_fingerprint"],
-            "ttt_steps": meta["config"]["ttt"]["steps"],
-        },
+        "specmill": specmill_info(meta),
     }
+
+
+def speculators_config(arch: DraftArch, meta: dict[str, Any], dtype: str, *, verifier: Path,
+                       speculative_tokens: int) -> dict[str, Any]:
+    """The speculators Eagle3Speculator config. No top-level model_type: vLLM takes a
+    config.json with `speculators_config` and no model_type as its SpeculatorsConfig, which
+    builds the draft's HF config from transformer_layer_config plus the eagle3 fields below.
+    norm_before_residual must be written: vLLM defaults it to True for this format, and
+    this draft's residual is the un-normed hidden state (False)."""
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "draft_vocab_size": arch.draft_vocab_size,
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "target_hidden_size": arch.hidden_size,
+        "eagle_aux_hidden_state_layer_ids": vllm_aux_layer_ids(meta["aux_layer_ids"], meta["aux_layer_convention"]),
+        "aux_hidden_state_layer_convention": AUX_CONVENTION_NOTE,
+        "embed_requires_grad": False,
+        "torch_dtype": dtype,
+        "transformer_layer_config": layer_config(arch, dtype),
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
+                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": str(verifier), "architectures": _verifier_architectures(verifier)},
+        },
+        "specmill": specmill_info(meta),
+    }
+
+
+def _verifier_architectures(verifier: Path) -> list[str]:
+    file = Path(verifier) / "config.json"
+    try:
+        return list(json.loads(file.read_text()).get("architectures") or [])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: the verifier (target) model is not there; the speculators format names "
+                                "it, so pass --verifier DIR (the target's HF directory as the server will see it)") from None
 
 
 def simulated_acceptance(checkpoint: Path, step: int) -> dict[str, Any]:
@@ -124,15 +184,47 @@ def simulated_acceptance(checkpoint: Path, step: int) -> dict[str, Any]:
     return {}
 
 
-def export_eagle(checkpoint: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
-    """Write `checkpoint` (a checkpoint directory or a run's --out) as an EAGLE-3 draft in `out`."""
+def export(checkpoint: Path, out: Path, *, format: str, dtype: str = "bfloat16", verifier: Path | None = None,
+           speculative_tokens: int | None = None) -> Path:
+    """Write `checkpoint` (a checkpoint directory or a run's --out) as an EAGLE-3 draft in
+    `out`, in the EAGLE layout or the speculators layout. `verifier` (speculators only) is
+    the target as the server will find it (default: the run's target path);
+    `speculative_tokens` the default draft length it declares (default: the run's TTT steps)."""
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
-    from safetensors.torch import save_file
-
     path = resolve_checkpoint(checkpoint)
     meta = read_meta(path)
     arch = DraftArch(**meta["arch"])
+    tensors = _export_tensors(path, arch, EXPORT_DTYPES[dtype])
+    if format == "eagle":
+        config = eagle_config(arch, meta, dtype)
+    else:
+        tensors = _rename(tensors, EAGLE_LAYER, SPECULATORS_LAYER)
+        config = speculators_config(arch, meta, dtype, verifier=Path(verifier or meta["target_path"]),
+                                    speculative_tokens=speculative_tokens or meta["config"]["ttt"]["steps"])
+    config["specmill"].update(simulated_acceptance(path, meta["step"]))
+    _write_atomically(Path(out), tensors, config)
+    log.info("exported %s (step %d) to %s as %s (%s)", path, meta["step"], out, format, dtype)
+    return Path(out)
+
+
+def export_eagle(checkpoint: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
+    return export(checkpoint, out, format="eagle", dtype=dtype)
+
+
+# The decoder layer's name in each layout (every other tensor is named alike).
+EAGLE_LAYER, SPECULATORS_LAYER = "midlayer.", "layers.0."
+
+
+def _rename(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    return {new + n[len(old):] if n.startswith(old) else n: t for n, t in tensors.items()}
+
+
+def _export_tensors(path: Path, arch: DraftArch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors in EAGLE names, checked against the layout, cast to
+    `dtype` (the vocab maps keep theirs)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)["model"]
     shapes = tensor_shapes(arch)
     if set(state) != set(shapes):
@@ -142,15 +234,17 @@ def export_eagle(checkpoint: Path, out: Path, *, dtype: str = "bfloat16") -> Pat
     for name, t in state.items():
         if tuple(t.shape) != shapes[name]:
             raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shapes[name]}")
-        tensors[name] = t.contiguous() if name in ("d2t", "t2d") else t.to(EXPORT_DTYPES[dtype]).contiguous()
+        tensors[name] = t.contiguous() if name in ("d2t", "t2d") else t.to(dtype).contiguous()
+    return tensors
 
-    out = Path(out)
+
+def _write_atomically(out: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = eagle_config(arch, meta, dtype)
-    config["specmill"].update(simulated_acceptance(path, meta["step"]))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     for name in ("model.safetensors", "config.json"):
         with open(tmp / name, "rb") as f:
@@ -159,17 +253,20 @@ def export_eagle(checkpoint: Path, out: Path, *, dtype: str = "bfloat16") -> Pat
         shutil.rmtree(out)
     os.replace(tmp, out)
     fsync_dir(out.parent)
-    log.info("exported %s (step %d) to %s as EAGLE-3 (%s)", path, meta["step"], out, dtype)
-    return out
 
 
 def load_exported(directory: Path, *, dtype: torch.dtype = torch.float32) -> Eagle3Draft:
-    """Build the draft back from an export (without the target embedding; attach it to run)."""
+    """Build the draft back from an export of either format (without the target embedding;
+    attach it to run)."""
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(directory) / "config.json").read_text())
+    state = load_file(str(Path(directory) / "model.safetensors"))
+    if "speculators_config" in cfg:
+        layer = cfg["transformer_layer_config"]
+        cfg = {**layer, "draft_vocab_size": cfg["draft_vocab_size"]}
+        state = _rename(state, SPECULATORS_LAYER, EAGLE_LAYER)
     arch = DraftArch(**{k: cfg[k] for k in DraftArch.__slots__})
     model = Eagle3Draft(arch)
-    state = load_file(str(Path(directory) / "model.safetensors"))
     model.load_state_dict({k: v if k in ("d2t", "t2d") else v.to(dtype) for k, v in state.items()}, strict=True)
     return model.to(dtype)

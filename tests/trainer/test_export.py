@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from trainer.checkpoint import STATE_FILE, latest_checkpoint
-from trainer.export import export_eagle, load_exported, tensor_shapes
+from trainer.export import export, export_eagle, load_exported, tensor_shapes
 from trainer.model import DraftArch, Eagle3Draft
 from trainer.train import train
 from trainer_fixtures import run_config
@@ -81,3 +81,45 @@ def test_an_export_loads_back_into_the_same_draft(trained_run, tmp_path, tiny_ta
 def test_export_of_a_directory_without_checkpoints_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         export_eagle(tmp_path, tmp_path / "out")
+
+
+def test_speculators_export_has_the_layout_and_config_vllm_reads(trained_run, tmp_path, tiny_target):
+    out = export(trained_run, tmp_path / "spec", format="speculators")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Eagle3Speculator"] and config["speculators_model_type"] == "eagle3"
+    assert "model_type" not in config  # vLLM routes a config with speculators_config and no model_type
+    spec = config["speculators_config"]
+    assert spec["algorithm"] == "eagle3" and spec["default_proposal_method"] == "greedy"
+    assert spec["proposal_methods"][0]["speculative_tokens"] == 3  # the run's TTT steps
+    assert spec["verifier"] == {"name_or_path": str(tiny_target), "architectures": ["LlamaForCausalLM"]}
+    layer = config["transformer_layer_config"]
+    assert (layer["model_type"], layer["num_hidden_layers"], layer["hidden_size"], layer["vocab_size"]) == \
+        ("llama", 1, 64, 512)
+    assert config["draft_vocab_size"] == 128 and config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert config["norm_before_residual"] is False  # vLLM's default for this format is True
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert names == {n.replace("midlayer.", "layers.0.") for n in EXPECTED_NAMES}
+
+    # what vLLM itself makes of it (its config parser only; no engine)
+    from vllm.transformers_utils.configs.speculators.base import SpeculatorsConfig
+
+    parsed = SpeculatorsConfig.from_pretrained(str(out))
+    assert parsed.architectures == ["Eagle3LlamaForCausalLM"]
+    assert (parsed.draft_vocab_size, parsed.norm_before_residual, parsed.norm_before_fc) == (128, False, False)
+    assert parsed.eagle_aux_hidden_state_layer_ids == [1, 2, 3] and parsed.target_hidden_size == 64
+    assert SpeculatorsConfig.extract_vllm_speculative_config(config) == {"method": "eagle3",
+                                                                         "num_speculative_tokens": 3}
+
+
+def test_a_speculators_export_loads_back_into_the_same_draft_as_the_eagle_one(trained_run, tmp_path):
+    eagle = load_exported(export(trained_run, tmp_path / "eagle", format="eagle", dtype="float32"))
+    spec = load_exported(export(trained_run, tmp_path / "spec", format="speculators", dtype="float32"))
+    assert spec.arch == eagle.arch
+    a, b = eagle.state_dict(), spec.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speculators_export_names_a_verifier_that_exists(trained_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--verifier"):
+        export(trained_run, tmp_path / "spec", format="speculators", verifier=tmp_path / "moved-away")
