@@ -46,6 +46,20 @@ def register_bench(bench: argparse._SubParsersAction) -> None:
     bench_capture.add_arguments(p)
     p.set_defaults(func=bench_capture.run_cli)
 
+    from factory import bench_factory
+
+    p = bench.add_parser(
+        "factory",
+        help="the resampler's generated tokens/s vs a plain load generator on the same vLLM server (goal >= 0.95), "
+             "and each stage's throughput",
+        description="Drive one vLLM server with the factory's resampler and with a plain saturating load generator "
+                    "(same prompts, sampling settings and max tokens) in one run and compare generated tokens/s; "
+                    "then time each stage of a factory job alone (read, resample, render, capture, write) and run an "
+                    "end-to-end job on a local Ray against the same server.",
+    )
+    bench_factory.add_arguments(p)
+    p.set_defaults(func=bench_factory.run_cli)
+
 
 def _cmd_prepare_default(args: argparse.Namespace) -> int:
     from factory.default_model import DefaultModelConfig, DefaultModelError, prepare_default, read_marker
