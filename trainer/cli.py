@@ -10,6 +10,8 @@ import argparse
 import os
 from pathlib import Path
 
+from shared.cli import bench_subparsers
+
 # flag -> (config field, type, help)
 _TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data.path", Path, "shard data set directory"),
@@ -74,6 +76,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="vLLM --dtype")
     p.add_argument("--engine", default="vllm", help="vllm (the only one built so far)")
     p.set_defaults(func=_cmd_eval)
+
+    _register_bench(bench_subparsers(sub))
+
+
+def _register_bench(bench: argparse._SubParsersAction) -> None:
+    from trainer import bench_train
+
+    p = bench.add_parser(
+        "train",
+        help="training loop tokens/s and data-wait fraction vs the draft's pure compute on the same batches "
+             "(goal >= 0.9)",
+        description="Run the real training loop and, on the same batches held in memory, train_step alone; "
+                    "report tokens/s of both, their ratio, the data-wait fraction and where a step's time goes.")
+    bench_train.add_arguments(p)
+    p.set_defaults(func=bench_train.run_cli)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
