@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.storage import Location
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -138,7 +140,7 @@ class Manifest:
             return cls(
                 header=header,
                 shards=[ShardInfo(**s) for s in d["shards"]],
-                token_counts={int(k): int(v) for k, v in d["token_counts"].items()},
+                token_counts=dict(zip(map(int, d["token_counts"]), map(int, d["token_counts"].values()))),
                 complete=bool(d["complete"]),
                 info=dict(d.get("info", {})),
             )
@@ -150,23 +152,22 @@ class Manifest:
             raise ManifestError(f"{source}: {e}") from None
 
 
-def load_manifest(directory: str | os.PathLike) -> Manifest:
-    path = Path(directory) / MANIFEST_NAME
+def load_manifest(directory: str | os.PathLike | Location) -> Manifest:
+    """Read a data set's manifest; `directory` is a local path or a filesystem URI (see shared.storage)."""
+    where = Location.parse(directory)
     try:
-        text = path.read_text()
+        text = where.read_bytes(MANIFEST_NAME).decode()
     except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest; is {directory} a specmill data set?") from None
+        raise ManifestError(f"{where.name(MANIFEST_NAME)}: no manifest; is {where} a specmill data set?") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    return Manifest.from_json(raw, source=str(path))
+        raise ManifestError(f"{where.name(MANIFEST_NAME)}: not valid JSON ({e})") from None
+    return Manifest.from_json(raw, source=where.name(MANIFEST_NAME))
 
 
-def save_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
-    atomic_write_bytes(
-        Path(directory) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode()
-    )
+def save_manifest(directory: str | os.PathLike | Location, manifest: Manifest) -> None:
+    Location.parse(directory).write_bytes_atomic(MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

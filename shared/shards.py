@@ -26,15 +26,20 @@ field metadata names its dtype and shape, so `pyarrow` alone can read a shard.
 from __future__ import annotations
 
 import bisect
-import hashlib
+import contextlib
 import json
 import logging
+import math
 import mmap
 import os
+import shutil
+import struct
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -46,10 +51,14 @@ from shared.manifest import (
     Manifest,
     ManifestError,
     ShardInfo,
+    TargetInfo,
     fsync_dir,
     load_manifest,
     save_manifest,
 )
+from shared.storage import Location
+from shared.stream import (DIRECT_ALIGN, Block, FooterError, SampleStream, open_direct, read_direct,
+                           record_batch_blocks, residency)
 
 if TYPE_CHECKING:
     import torch
@@ -119,19 +128,24 @@ class ShardWriter:
     only then listed in the manifest (itself replaced atomically). Whatever a killed writer
     left behind that the manifest does not list is deleted when the directory is opened
     again, and `done_ids()` tells the caller which samples are already safe.
+
+    `directory` may also be a filesystem URI (`s3://bucket/prefix`, see shared.storage):
+    a shard is then spooled to a local temporary file, hashed, uploaded as one object and
+    only then listed; the manifest object is written after it.
     """
 
-    def __init__(self, directory: str | os.PathLike, header: DatasetHeader, *,
+    def __init__(self, directory: str | os.PathLike | Location, header: DatasetHeader, *,
                  shard_bytes: int = DEFAULT_SHARD_BYTES):
         import torch
 
         self._torch = torch
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.location = Location.parse(directory)
+        self.dir = self.location.local if self.location.is_local else self.location.uri
+        self.location.make_dirs()
         self.shard_bytes = shard_bytes
         self._torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[header.dtype]
-        if (self.dir / MANIFEST_NAME).exists():
-            self.manifest = load_manifest(self.dir)
+        if self.location.size(MANIFEST_NAME) is not None:
+            self.manifest = load_manifest(self.location)
             bad = header.mismatches(self.manifest.header)
             if bad:
                 raise ManifestError(
@@ -142,7 +156,7 @@ class ShardWriter:
                 raise ManifestError(f"{self.dir}: data set is already complete; nothing to append to")
         else:
             self.manifest = Manifest(header=header)
-            save_manifest(self.dir, self.manifest)
+            save_manifest(self.location, self.manifest)
         self.header = self.manifest.header
         self.schema = shard_schema(self.header)
         self._remove_unlisted_files()
@@ -153,14 +167,17 @@ class ShardWriter:
         """Sample ids already committed in listed shards."""
         ids: set[str] = set()
         for info in self.manifest.shards:
-            table = ipc.open_file(pa.memory_map(str(self.dir / info.file))).read_all()
-            ids.update(table.column("sample_id").to_pylist())
+            if self.location.is_local:
+                table = ipc.open_file(pa.memory_map(str(self.location.local / info.file))).read_all()
+                ids.update(table.column("sample_id").to_pylist())
+            else:
+                ids.update(_RemoteShard(self.location, info, self.schema).column("sample_id").to_pylist())
         return ids
 
     def add(self, sample: Sample) -> None:
         batch = self._to_batch(sample)
         if self._open is None:
-            self._open = _OpenShard(self.dir, f"shard-{self._next_index:05d}{SHARD_SUFFIX}",
+            self._open = _OpenShard(self.location, f"shard-{self._next_index:05d}{SHARD_SUFFIX}",
                                     self.schema, self.header.target.vocab_size)
             self._next_index += 1
         self._open.write(batch, sample)
@@ -178,7 +195,7 @@ class ShardWriter:
             self.manifest.token_counts[int(token_id)] = (
                 self.manifest.token_counts.get(int(token_id), 0) + int(counts[token_id])
             )
-        save_manifest(self.dir, self.manifest)
+        save_manifest(self.location, self.manifest)
         log.debug("committed %s (%d rows, %d tokens)", info.file, info.rows, info.tokens)
 
     def close(self, *, complete: bool = True, info: dict | None = None) -> Manifest:
@@ -187,7 +204,7 @@ class ShardWriter:
         if info:
             self.manifest.info.update(info)
         self.manifest.complete = complete
-        save_manifest(self.dir, self.manifest)
+        save_manifest(self.location, self.manifest)
         return self.manifest
 
     def abort(self) -> None:
@@ -209,12 +226,12 @@ class ShardWriter:
 
     def _remove_unlisted_files(self) -> None:
         listed = {s.file for s in self.manifest.shards}
-        for path in self.dir.iterdir():
-            stray_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
-            stray_shard = path.name.endswith(SHARD_SUFFIX) and path.name not in listed
+        for name in self.location.list_files():
+            stray_tmp = name.startswith(".") and name.endswith(".tmp")
+            stray_shard = name.endswith(SHARD_SUFFIX) and name not in listed
             if stray_tmp or stray_shard:
-                log.info("removing %s: left by an interrupted writer, not in the manifest", path.name)
-                path.unlink()
+                log.info("removing %s: left by an interrupted writer, not in the manifest", name)
+                self.location.delete(name)
 
     def _to_batch(self, s: Sample) -> pa.RecordBatch:
         torch = self._torch
@@ -274,11 +291,13 @@ class ShardWriter:
 
 
 class _OpenShard:
-    """A shard being written under a temporary name."""
+    """A shard being written under a temporary name (for a non-local data set: in a local
+    spool directory, uploaded whole when finished)."""
 
-    def __init__(self, directory: Path, name: str, schema: pa.Schema, vocab_size: int):
-        self.dir, self.name = directory, name
-        self.tmp = directory / f".{name}.{os.getpid()}.tmp"
+    def __init__(self, location: Location, name: str, schema: pa.Schema, vocab_size: int):
+        self.location, self.name = location, name
+        self._spool = None if location.is_local else Path(tempfile.mkdtemp(prefix="specmill-spool-"))
+        self.tmp = (location.local or self._spool) / f".{name}.{os.getpid()}.tmp"
         self._sink = pa.OSFile(str(self.tmp), "wb")
         self._writer = ipc.new_file(self._sink, schema)
         self.rows = self.tokens = self.loss_tokens = self.bytes_written = 0
@@ -296,11 +315,16 @@ class _OpenShard:
     def finish(self) -> tuple[ShardInfo, np.ndarray]:
         self._writer.close()
         self._sink.flush()
-        os.fsync(self._sink.fileno())
+        if self._spool is None:
+            os.fsync(self._sink.fileno())
         self._sink.close()
-        digest, size = _sha256(self.tmp)
-        os.replace(self.tmp, self.dir / self.name)
-        fsync_dir(self.dir)
+        digest, size = Location.parse(self.tmp.parent).sha256(self.tmp.name)
+        if self._spool is None:
+            os.replace(self.tmp, self.location.local / self.name)
+            fsync_dir(self.location.local)
+        else:
+            self.location.upload(self.tmp, self.name)
+            shutil.rmtree(self._spool)
         info = ShardInfo(file=self.name, rows=self.rows, tokens=self.tokens,
                          loss_tokens=self.loss_tokens, bytes=size, sha256=digest)
         return info, self.counts
@@ -309,27 +333,40 @@ class _OpenShard:
         self._writer.close()
         self._sink.close()
         self.tmp.unlink(missing_ok=True)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading
 
+_COLUMN = {name: i for i, name in enumerate(shard_schema(DatasetHeader(
+    target=TargetInfo(name="-", config_sha256="", tokenizer_sha256="", chat_template_sha256="",
+                      vocab_size=1, num_hidden_layers=1),
+    hidden_size=1, aux_layer_ids=(0, 0, 0))).names)}
+
 
 class Dataset:
-    """Random access to a shard data set: `len(ds)`, `ds[i]` -> dict of torch tensors.
+    """Random access to a shard data set: `len(ds)`, `ds[i]` -> dict of torch tensors;
+    `ds.stream(order)` for reading a whole epoch (see shared.stream).
 
-    Shards are memory-mapped copy-on-write and opened lazily (again after a fork, so loader
-    workers get their own maps). Tensors are views of the mapped bytes (no copy, no
+    `directory` is a local path (the fast path below) or a filesystem URI such as
+    `s3://bucket/prefix` (see shared.storage: shards are then read through random-access
+    file handles, one per thread, and the tensors own their bytes).
+
+    Local shards are memory-mapped copy-on-write and opened lazily (again after a fork, so
+    loader workers get their own maps). Tensors are views of the mapped bytes (no copy, no
     decode), valid while the data set is alive; writing into one changes only this
     process's copy of that page, never the file.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, readahead_bytes: int = 32 << 20):
-        self.dir = Path(directory)
-        self.manifest = load_manifest(self.dir)
+    def __init__(self, directory: str | os.PathLike | Location, *, readahead_bytes: int = 32 << 20):
+        self.location = Location.parse(directory)
+        self.dir = self.location.local if self.location.is_local else self.location.uri
+        self.manifest = load_manifest(self.location)
         self.header = self.manifest.header
         self._schema = shard_schema(self.header)
         self._starts = np.cumsum([0] + [s.rows for s in self.manifest.shards]).tolist()
-        self._readers: dict[int, _MappedShard] = {}
+        self._readers: dict[int, _MappedShard | _RemoteShard] = {}
         self._last_index = -2
         self.readahead_bytes = readahead_bytes
         self._pid = os.getpid()
@@ -342,21 +379,21 @@ class Dataset:
         return self._starts[-1]
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a data set of {len(self)} samples")
-        index %= len(self)
-        shard = bisect.bisect_right(self._starts, index) - 1
-        mapped = self._shard(shard)
-        row = index - self._starts[shard]
-        # Ask the kernel for the sample's bytes in one go (and, while reading in order, for
-        # what follows): faulting them in page by page ran at half the disk's speed.
-        mapped.will_need(row, ahead=self.readahead_bytes if index == self._last_index + 1 else 0)
-        self._last_index = index
-        return self._decode(mapped.batch(row), shard, index)
+        return self._get(index, readahead=True)
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         for i in range(len(self)):
             yield self[i]
+
+    def stream(self, indices: Iterable[int] | None = None, *, direct: bool = True,
+               readahead_bytes: int = 256 << 20, threads: int = 2, max_request: int = 16 << 20) -> SampleStream:
+        """The samples of `indices` (default: all, in order), read ahead in background threads.
+
+        Samples not in the page cache are read with O_DIRECT where the filesystem allows it
+        (`direct=False`: always through the memory map); see shared.stream for why.
+        """
+        return SampleStream(self, range(len(self)) if indices is None else indices, direct=direct,
+                            readahead_bytes=readahead_bytes, threads=threads, max_request=max_request)
 
     def sample_order(self, *, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
                      worker: int = 0, num_workers: int = 1, shuffle: bool = True) -> np.ndarray:
@@ -375,62 +412,105 @@ class Dataset:
 
     def lengths(self) -> np.ndarray:
         """Token count of every sample (for length bucketing), read from the small column only."""
-        out = [self._reader(k).read_all().column("num_tokens").to_numpy()
-               for k in range(len(self.manifest.shards))]
+        out = [self._shard(k).column("num_tokens").to_numpy() for k in range(len(self.manifest.shards))]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 
     # -- internals
 
-    def _reader(self, shard: int) -> ipc.RecordBatchFileReader:
-        return self._shard(shard).reader
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a data set of {len(self)} samples")
+        index %= len(self)
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - self._starts[shard]
 
-    def _shard(self, shard: int) -> _MappedShard:
+    def _get(self, index: int, *, readahead: bool) -> dict[str, object]:
+        shard, row = self._locate(index)
+        source = self._shard(shard)
+        if readahead:
+            # Ask the kernel for the sample's bytes in one go (and, while reading in order,
+            # for what follows): faulting them in page by page ran at half the disk's speed.
+            sequential = index % len(self) == self._last_index + 1
+            source.will_need(row, ahead=self.readahead_bytes if sequential else 0)
+            self._last_index = index % len(self)
+        return self._decode(source.batch(row), shard, index)
+
+    def _shard(self, shard: int) -> _MappedShard | _RemoteShard:
         if os.getpid() != self._pid:  # forked: maps are not shared safely across processes
             self._readers, self._pid = {}, os.getpid()
         opened = self._readers.get(shard)
         if opened is None:
-            opened = self._readers[shard] = _MappedShard(self.dir, self.manifest.shards[shard], self._schema)
+            kind = _MappedShard if self.location.is_local else _RemoteShard
+            opened = self._readers[shard] = kind(self.location, self.manifest.shards[shard], self._schema)
         return opened
+
+    def _read_direct(self, shard: int, rows: list[int], indices: list[int]) -> list[dict[str, object]]:
+        """Consecutive rows of a local shard in one O_DIRECT request (runs in a stream thread)."""
+        source = self._shard(shard)
+        blocks = source.blocks()
+        start, end = blocks[rows[0]].offset, blocks[rows[-1]].end
+        try:
+            data = pa.py_buffer(read_direct(source.direct_fd(), start, end))
+        except (OSError, EOFError) as e:
+            raise ShardError(f"{source.name}: reading bytes {start}-{end} failed ({e})") from None
+        base = start - start % DIRECT_ALIGN
+        out = []
+        for row, index in zip(rows, indices):
+            block = blocks[row]
+            try:
+                message = ipc.read_message(data.slice(block.offset - base, block.end - block.offset))
+                batch = ipc.read_record_batch(message, self._schema)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ShardError(f"{source.name}: sample {index} is not a readable record batch ({e})") from None
+            out.append(self._decode(batch, shard, index))
+        return out
 
     def _decode(self, batch: pa.RecordBatch, shard: int, index: int) -> dict[str, object]:
         torch = self._torch
-        t = batch.column("num_tokens")[0].as_py()
+        columns = batch.columns
+        t = columns[_COLUMN["num_tokens"]][0].as_py()
         h = self.header.hidden_size
-        where = f"{self.manifest.shards[shard].file} sample {index}"
 
         def tensor(name: str, dtype, shape: tuple[int, ...]):
-            buf = _value_buffer(batch.column(name))
-            expected = int(np.prod(shape)) * dtype.itemsize
+            buf = _value_buffer(columns[_COLUMN[name]])
+            expected = math.prod(shape) * dtype.itemsize
             if buf.size != expected:
-                raise ShardError(f"{self.dir / where}: field {name} holds {buf.size} bytes, "
-                                 f"expected {expected} for shape {shape} {dtype}")
+                raise ShardError(f"{self.location.name(self.manifest.shards[shard].file)} sample {index}: field "
+                                 f"{name} holds {buf.size} bytes, expected {expected} for shape {shape} {dtype}")
             return torch.frombuffer(memoryview(buf), dtype=dtype).view(shape)
 
         out: dict[str, object] = {
-            "sample_id": batch.column("sample_id")[0].as_py(),
-            "source_index": batch.column("source_index")[0].as_py(),
+            "sample_id": columns[_COLUMN["sample_id"]][0].as_py(),
+            "source_index": columns[_COLUMN["source_index"]][0].as_py(),
             "input_ids": tensor("input_ids", torch.int32, (t,)),
             "loss_mask": tensor("loss_mask", torch.uint8, (t,)),
             "aux_hidden_states": tensor("aux_hidden_states", self._hidden_dtype, (t, 3, h)),
             "last_hidden_state": tensor("last_hidden_state", self._hidden_dtype, (t, h)),
         }
-        if batch.column("position_ids")[0].is_valid:
+        if columns[_COLUMN["position_ids"]].null_count == 0:
             out["position_ids"] = tensor("position_ids", torch.int32, (3, t))
-        spans = batch.column("modality_spans")[0].as_py()
+        spans = columns[_COLUMN["modality_spans"]][0].as_py()
         out["modality_spans"] = [tuple(s) for s in json.loads(spans)] if spans else []
-        out["temperature"] = batch.column("temperature")[0].as_py()
-        out["finish_reason"] = batch.column("finish_reason")[0].as_py()
+        out["temperature"] = columns[_COLUMN["temperature"]][0].as_py()
+        out["finish_reason"] = columns[_COLUMN["finish_reason"]][0].as_py()
         return out
 
 
 class _MappedShard:
-    """One open shard: its private map, the IPC reader over it, and the record batches
-    (metadata over the mapped bytes) fetched once each, on first use."""
+    """One open local shard: its private map, the IPC reader over it, the record batches
+    (metadata over the mapped bytes) fetched once each on first use, and, for streams,
+    the footer's block list and an O_DIRECT file descriptor."""
 
-    def __init__(self, directory: Path, info: ShardInfo, schema: pa.Schema):
-        self.map, self.reader = open_shard(directory, info, schema)
+    remote = False
+
+    def __init__(self, location: Location, info: ShardInfo, schema: pa.Schema):
+        self._fd: int | None | bool = False  # False: not tried yet; None: O_DIRECT refused
+        self.name = location.name(info.file)
+        self.map, self.reader = open_shard(location, info, schema)
         self._base = pa.py_buffer(self.map).address
         self._batches: list[pa.RecordBatch | None] = [None] * self.reader.num_record_batches
+        self._advised_end = 0  # read-ahead already asked for, up to this offset
+        self._blocks: list[Block] | None = None
 
     def batch(self, row: int) -> pa.RecordBatch:
         batch = self._batches[row]
@@ -438,13 +518,92 @@ class _MappedShard:
             batch = self._batches[row] = self.reader.get_batch(row)
         return batch
 
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.reader.read_all().column(name)
+
     def will_need(self, row: int, *, ahead: int = 0) -> None:
-        data = self.batch(row).column("aux_hidden_states").buffers()[2]
-        last = self.batch(row).column("last_hidden_state").buffers()[2]
+        batch = self.batch(row)
+        data = batch.column(_COLUMN["aux_hidden_states"]).buffers()[2]
+        last = batch.column(_COLUMN["last_hidden_state"]).buffers()[2]
         start = min(data.address, last.address) - self._base
-        end = max(data.address + data.size, last.address + last.size) - self._base + ahead
+        end = max(data.address + data.size, last.address + last.size) - self._base
+        if ahead and start < self._advised_end and end <= self._advised_end:
+            return  # asked for already, with the read-ahead of an earlier sample
+        end = min(end + ahead, len(self.map))
         start -= start % mmap.PAGESIZE
-        self.map.madvise(mmap.MADV_WILLNEED, start, min(end, len(self.map)) - start)
+        self.map.madvise(mmap.MADV_WILLNEED, start, end - start)
+        self._advised_end = end if ahead else self._advised_end
+
+    def blocks(self) -> list[Block]:
+        if self._blocks is None:
+            view = memoryview(self.map)
+            try:
+                with _no_read_around(self.map):
+                    blocks = record_batch_blocks(view)
+            except FooterError as e:
+                raise ShardError(f"{self.name}: {e}") from None
+            finally:
+                view.release()
+            if len(blocks) != len(self._batches):
+                raise ShardError(f"{self.name}: footer lists {len(blocks)} record batches, reader sees "
+                                 f"{len(self._batches)}")
+            self._blocks = blocks
+        return self._blocks
+
+    def cached(self, block: Block) -> bool:
+        return residency().all_cached(self._base + block.offset, block.end - block.offset)
+
+    def sample_bytes(self, row: int) -> int:
+        block = self.blocks()[row]
+        return block.end - block.offset
+
+    def direct_fd(self) -> int | None:
+        if self._fd is False:
+            self._fd = open_direct(self.name)
+        return self._fd
+
+    def __del__(self) -> None:
+        if type(self._fd) is int:  # not False (never tried) or None (refused)
+            os.close(self._fd)
+
+
+class _RemoteShard:
+    """One shard on a non-local filesystem: random-access reads, one reader per thread
+    (stream threads read concurrently; an IPC reader is not meant to be shared)."""
+
+    remote = True
+
+    def __init__(self, location: Location, info: ShardInfo, schema: pa.Schema):
+        self._location, self._info, self._schema = location, info, schema
+        self.name = location.name(info.file)
+        self._local = threading.local()
+        _, self._local.reader = open_shard(location, info, schema)
+
+    @property
+    def reader(self) -> ipc.RecordBatchFileReader:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            _, reader = open_shard(self._location, self._info, self._schema)
+            self._local.reader = reader
+        return reader
+
+    def batch(self, row: int) -> pa.RecordBatch:
+        try:
+            return self.reader.get_batch(row)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{self.name}: sample {row} of the shard is not readable ({e})") from None
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of every row, reading only that column's bytes."""
+        options = ipc.IpcReadOptions(included_fields=[_COLUMN[name]])
+        reader = ipc.open_file(self._location.open_random_access(self._info.file), options=options)
+        return reader.read_all().column(0)
+
+    def will_need(self, row: int, *, ahead: int = 0) -> None:
+        pass
+
+    def sample_bytes(self, row: int) -> int:
+        return self._info.bytes // max(1, self._info.rows)
 
 
 def map_copy_on_write(path: Path) -> mmap.mmap:
@@ -455,36 +614,54 @@ def map_copy_on_write(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
+@contextlib.contextmanager
+def _no_read_around(mapped: mmap.mmap) -> Iterator[None]:
+    """Fault in only the pages touched (the footer, when opening): the kernel's read-around
+    on a fault is read_ahead_kb (8 MB on the machines this was built on), which would
+    cache the last samples' bytes and make a stream take them for warm."""
+    mapped.madvise(mmap.MADV_RANDOM)
+    try:
+        yield
+    finally:
+        mapped.madvise(mmap.MADV_NORMAL)
+
+
 def _value_buffer(column: pa.Array) -> pa.Buffer:
     """Row 0 of a binary column as a slice of the column's own (memory-mapped) buffer.
 
     Not `column[0].as_buffer()`: pyarrow builds that scalar from a copy of the value,
     which halved warm read speed (`specmill shards bench`)."""
     _, offsets, data = column.buffers()
-    start, end = np.frombuffer(offsets, dtype=np.int64, count=2, offset=8 * column.offset)
-    return data.slice(int(start), int(end - start))
+    start, end = struct.unpack_from("<qq", offsets, 8 * column.offset)
+    return data.slice(start, end - start)
 
 
-def open_shard(directory: Path, info: ShardInfo, schema: pa.Schema) -> tuple[mmap.mmap, ipc.RecordBatchFileReader]:
-    """Open a listed shard, checking what is cheap to check: size, footer, schema, rows."""
-    path = directory / info.file
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ShardError(f"{path}: listed in the manifest but missing") from None
+def open_shard(location: Location, info: ShardInfo,
+               schema: pa.Schema) -> tuple[mmap.mmap | None, ipc.RecordBatchFileReader]:
+    """Open a listed shard, checking what is cheap to check: size, footer, schema, rows.
+    Local shards are mapped (the map is returned too); others get a random-access handle."""
+    name = location.name(info.file)
+    size = location.size(info.file)
+    if size is None:
+        raise ShardError(f"{name}: listed in the manifest but missing")
     if size != info.bytes:
-        raise ShardError(f"{path}: {size} bytes on disk, manifest says {info.bytes} (truncated or replaced)")
+        raise ShardError(f"{name}: {size} bytes on disk, manifest says {info.bytes} (truncated or replaced)")
+    mapped = None
     try:
-        mapped = map_copy_on_write(path)
-        reader = ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
+        if location.is_local:
+            mapped = map_copy_on_write(location.local / info.file)
+            with _no_read_around(mapped):
+                reader = ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
+        else:
+            reader = ipc.open_file(location.open_random_access(info.file))
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise ShardError(f"{path}: not a readable Arrow IPC file ({e})") from None
+        raise ShardError(f"{name}: not a readable Arrow IPC file ({e})") from None
     if not reader.schema.equals(schema, check_metadata=True):
-        raise ShardError(f"{path}: schema does not match the manifest "
+        raise ShardError(f"{name}: schema does not match the manifest "
                          f"(file has hidden_size={reader.schema.metadata.get(b'specmill.hidden_size')}, "
                          f"dtype={reader.schema.metadata.get(b'specmill.dtype')})")
     if reader.num_record_batches != info.rows:
-        raise ShardError(f"{path}: {reader.num_record_batches} samples, manifest says {info.rows}")
+        raise ShardError(f"{name}: {reader.num_record_batches} samples, manifest says {info.rows}")
     return mapped, reader
 
 
@@ -493,7 +670,7 @@ def open_shard(directory: Path, info: ShardInfo, schema: pa.Schema) -> tuple[mma
 
 @dataclass(kw_only=True, slots=True)
 class VerifyReport:
-    directory: Path
+    directory: Path | str
     shards_ok: int = 0
     samples: int = 0
     tokens: int = 0
@@ -504,42 +681,42 @@ class VerifyReport:
         return not self.errors
 
 
-def verify(directory: str | os.PathLike, *, progress: bool = False) -> VerifyReport:
+def verify(directory: str | os.PathLike | Location, *, progress: bool = False) -> VerifyReport:
     """Check every shard's checksum, every sample's shapes, ids and the manifest's totals."""
     from tqdm import tqdm
 
-    directory = Path(directory)
-    report = VerifyReport(directory=directory)
+    location = Location.parse(directory)
+    report = VerifyReport(directory=location.local or location.uri)
     try:
-        manifest = load_manifest(directory)
+        manifest = load_manifest(location)
     except ManifestError as e:
         report.errors.append(str(e))
         return report
-    ds = Dataset(directory)
+    ds = Dataset(location)
     schema = shard_schema(manifest.header)
     seen: dict[str, str] = {}
     counts = np.zeros(manifest.header.target.vocab_size, dtype=np.int64)
     start = 0
     for info in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        path = directory / info.file
+        name = location.name(info.file)
         shard_start, start = start, start + info.rows
         try:
-            open_shard(directory, info, schema)
-            digest, _ = _sha256(path)
+            open_shard(location, info, schema)
+            digest, _ = location.sha256(info.file)
             if digest != info.sha256:
-                raise ShardError(f"{path}: sha256 {digest[:16]}... != manifest {info.sha256[:16]}... (corrupt)")
+                raise ShardError(f"{name}: sha256 {digest[:16]}... != manifest {info.sha256[:16]}... (corrupt)")
             tokens = loss_tokens = 0
             for i in range(shard_start, shard_start + info.rows):
                 sample = ds[i]
                 if sample["sample_id"] in seen:
-                    raise ShardError(f"{path}: sample {sample['sample_id']!r} also in {seen[sample['sample_id']]}")
+                    raise ShardError(f"{name}: sample {sample['sample_id']!r} also in {seen[sample['sample_id']]}")
                 seen[sample["sample_id"]] = info.file
                 mask = sample["loss_mask"].numpy().astype(bool)
                 tokens += mask.size
                 loss_tokens += int(mask.sum())
                 np.add.at(counts, sample["input_ids"].numpy()[mask].astype(np.int64), 1)
             if (tokens, loss_tokens) != (info.tokens, info.loss_tokens):
-                raise ShardError(f"{path}: holds {tokens} tokens ({loss_tokens} loss-masked), "
+                raise ShardError(f"{name}: holds {tokens} tokens ({loss_tokens} loss-masked), "
                                  f"manifest says {info.tokens} ({info.loss_tokens})")
         except ShardError as e:
             report.errors.append(str(e))
@@ -551,15 +728,10 @@ def verify(directory: str | os.PathLike, *, progress: bool = False) -> VerifyRep
         listed = {i: c for i, c in manifest.token_counts.items()}
         actual = {int(i): int(counts[i]) for i in np.flatnonzero(counts)}
         if listed != actual:
-            report.errors.append(f"{directory / MANIFEST_NAME}: token_counts do not match the shards' loss-masked tokens")
+            report.errors.append(f"{location.name(MANIFEST_NAME)}: token_counts do not match the shards' "
+                                 f"loss-masked tokens")
     return report
 
 
 def _shard_number(name: str) -> int:
     return int(name.removeprefix("shard-").removesuffix(SHARD_SUFFIX))
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256")
-        return digest.hexdigest(), f.tell()

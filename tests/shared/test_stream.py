@@ -1,0 +1,169 @@
+"""`Dataset.stream`: O_DIRECT read-ahead for cold samples, the map for cached ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import torch
+
+from shared.manifest import load_manifest
+from shared.shards import Dataset, ShardError
+from shared.stream import open_direct, record_batch_blocks, residency
+from shared.synth import SynthConfig, write_synthetic
+
+CONFIG = SynthConfig(samples=40, hidden_size=128, mean_tokens=64, max_tokens=300, vocab=1000,
+                     shard_bytes=512 << 10)
+
+
+@pytest.fixture(scope="module")
+def ds_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stream") / "ds"
+    write_synthetic(out, CONFIG)
+    return out
+
+
+def _evict(directory: Path) -> None:
+    """Drop this data set's pages from the page cache (only these files, nothing global)."""
+    for info in load_manifest(directory).shards:
+        fd = os.open(directory / info.file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cached_fraction(directory: Path) -> float:
+    ds = Dataset(directory)
+    cached = total = 0
+    for k in range(len(ds.manifest.shards)):
+        source = ds._shard(k)
+        for block in source.blocks():
+            cached += source.cached(block)
+            total += 1
+    return cached / total
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
+
+
+def _o_direct_works(directory: Path) -> bool:
+    fd = open_direct(directory / load_manifest(directory).shards[0].file)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_footer_blocks_locate_every_record_batch(ds_dir):
+    for info in load_manifest(ds_dir).shards:
+        data = (ds_dir / info.file).read_bytes()
+        reader = ipc.open_file(pa.py_buffer(data))
+        blocks = record_batch_blocks(data)
+        assert len(blocks) == reader.num_record_batches == info.rows
+        for i, block in enumerate(blocks):
+            message = ipc.read_message(pa.py_buffer(data[block.offset:block.end]))
+            assert ipc.read_record_batch(message, reader.schema).equals(reader.get_batch(i))
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+@pytest.mark.parametrize("shuffled", [False, True], ids=["in-order", "shuffled"])
+def test_stream_yields_the_samples_of_getitem_in_the_given_order(ds_dir, cold, shuffled):
+    reference = Dataset(ds_dir)
+    order = reference.sample_order(seed=5) if shuffled else np.arange(len(reference))
+    if cold:
+        _evict(ds_dir)
+    else:
+        for i in range(len(reference)):  # fault every sample into the page cache
+            reference[i]["aux_hidden_states"].sum()
+    # a small read-ahead and request size, so that several requests and slots are in play
+    streamed = list(Dataset(ds_dir).stream(order, readahead_bytes=1 << 20, max_request=256 << 10))
+    assert len(streamed) == len(order)
+    for i, sample in zip(order, streamed):
+        _assert_same(sample, reference[int(i)])
+
+
+def test_cold_stream_reads_around_the_page_cache(ds_dir):
+    if not _o_direct_works(ds_dir):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    _evict(ds_dir)
+    assert _cached_fraction(ds_dir) == 0.0
+    for sample in Dataset(ds_dir).stream():
+        sample["aux_hidden_states"].sum()  # touch the bytes
+    # O_DIRECT: the epoch came from the disk without filling the cache
+    assert _cached_fraction(ds_dir) < 0.1
+    for sample in Dataset(ds_dir).stream(direct=False):
+        sample["aux_hidden_states"].sum()
+    assert _cached_fraction(ds_dir) == 1.0  # the map path goes through the cache
+
+
+def test_stream_falls_back_to_the_map_where_o_direct_is_refused(ds_dir, monkeypatch):
+    # Every filesystem on this machine (tmpfs included, since Linux 6.6) accepts O_DIRECT,
+    # so the refusal (EINVAL, as from FUSE or older tmpfs) is simulated at os.open.
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    _evict(ds_dir)
+    reference = Dataset(ds_dir)
+    ds = Dataset(ds_dir)
+    streamed = list(ds.stream())
+    assert ds._shard(0).direct_fd() is None
+    for i, sample in enumerate(streamed):
+        _assert_same(sample, reference[i])
+
+
+def test_streamed_tensors_outlive_the_stream_and_own_writable_memory(ds_dir):
+    if not _o_direct_works(ds_dir):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    _evict(ds_dir)
+    with Dataset(ds_dir).stream(range(3)) as stream:
+        kept = list(stream)
+    expected = [Dataset(ds_dir)[i]["last_hidden_state"].clone() for i in range(3)]
+    for sample, want in zip(kept, expected):
+        assert torch.equal(sample["last_hidden_state"], want)
+        sample["last_hidden_state"].add_(1)  # a private buffer: no warning, no effect on the file
+    assert torch.equal(Dataset(ds_dir)[0]["last_hidden_state"], expected[0])
+
+
+def test_corrupt_record_batch_in_a_cold_stream_names_the_shard(ds_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(ds_dir, copy)
+    if not _o_direct_works(copy):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    victim = load_manifest(copy).shards[0].file
+    data = bytearray((copy / victim).read_bytes())
+    block = record_batch_blocks(bytes(data))[1]
+    data[block.offset:block.offset + 16] = b"\xff" * 16  # the message header of sample 1
+    (copy / victim).write_bytes(bytes(data))
+    _evict(copy)
+    with pytest.raises(ShardError, match=f"{victim}: sample 1 is not a readable record batch"):
+        list(Dataset(copy).stream())
+
+
+def test_residency_sees_an_evicted_file_as_not_cached(ds_dir):
+    def first_sample_cached() -> bool:
+        source = Dataset(ds_dir)._shard(0)
+        return source.cached(source.blocks()[0])
+
+    Dataset(ds_dir)[0]["aux_hidden_states"].sum()
+    assert first_sample_cached()
+    _evict(ds_dir)  # (pages mapped by a live Dataset could not be evicted: none is alive here)
+    assert not first_sample_cached()
