@@ -1,0 +1,1 @@
+"""The REST job service (`specmill serve`): submit, watch and cancel factory jobs, which run on Ray."""
