@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_prepare_default)
 
     _register_factory(sub)
+    from factory.service.cli import register_service
+
+    register_service(sub)  # serve, submit
     register_bench(bench_subparsers(sub))
 
 
@@ -45,6 +48,18 @@ def register_bench(bench: argparse._SubParsersAction) -> None:
     )
     bench_capture.add_arguments(p)
     p.set_defaults(func=bench_capture.run_cli)
+
+    from factory import bench_service
+
+    p = bench.add_parser(
+        "service",
+        help="job service latency: concurrent submits + status polling, p50/p99, vs /healthz in the same run",
+        description="Start the job service (uvicorn on loopback, real SQLite) with dispatch paused, submit N jobs "
+                    "concurrently while polling their status, and report p50/p99 latency and errors next to "
+                    "/healthz (no database) measured at the same concurrency in the same run.",
+    )
+    bench_service.add_arguments(p)
+    p.set_defaults(func=bench_service.run_cli)
 
     from factory import bench_factory
 
