@@ -140,6 +140,7 @@ def progress_line(job: dict[str, Any]) -> str:
 def run_submit(url: str, token: str | None, job_file: Path | None, flags: dict[str, Any], *, wait: bool,
                idempotency_key: str | None, echo: Callable[[str], None]) -> int:
     """`specmill submit`: print the job id; with `wait`, progress until it ends (exit 1 unless it succeeded)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
     client = ServiceClient(url=url, token=token or os.environ.get(TOKEN_ENV, ""))
     job = client.submit(submit_body(job_file, flags), idempotency_key)
     echo(job["id"])

@@ -45,6 +45,7 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # the Ray client's polls: not a line each
         store = JobStore(settings.db_url)
         dispatcher = Dispatcher(settings, store, ray)
         app.state.store, app.state.dispatcher = store, dispatcher

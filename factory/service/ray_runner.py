@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ class LocalRayCluster:
         log.info("stopping the local Ray cluster (process group %d)", state["pid"])
         _kill_group(state["pid"])
         self.state_file.unlink(missing_ok=True)
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)
 
     def _alive_state(self) -> dict[str, Any] | None:
         import psutil
