@@ -20,9 +20,12 @@ Warm = the layout's files are in the page cache and the reader is opened afresh 
 memory map pays its page faults); cold = after `sync; echo 3 > /proc/sys/vm/drop_caches`.
 Everything runs on one torch thread; pyarrow keeps its own thread pool, as a loader would.
 
-`arrow-ipc` is the shipped format read through `shared.shards.Dataset` itself; the
-`arrow-ipc-views` row reads the same files as views of the columns' buffers, to show what
-the reader costs on top of the layout.
+`arrow-ipc` is the shipped format read through the API the trainer's loader calls,
+`shared.shards.Dataset.stream(order)` (O_DIRECT read-ahead for samples not in the page
+cache, views of the memory map for those that are; random access through `Dataset[i]`).
+`arrow-ipc-getitem` reads the same files through `Dataset[i]` in order, and
+`arrow-ipc-views` as bare views of the columns' buffers, to show what each reader costs
+on top of the layout.
 """
 
 from __future__ import annotations
@@ -128,12 +131,23 @@ class Layout:
     write: Writer
 
 
+def _by_index(reader: Reader, indices: Sequence[int]) -> Iterable[Mapping[str, object]]:
+    return (reader[i] for i in indices)
+
+
+def _by_stream(reader: Reader, indices: Sequence[int]) -> Iterable[Mapping[str, object]]:
+    return reader.stream(indices)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
 class Format:
     name: str
     label: str
     layout: Layout
     open: Callable[[Path], Reader]
+    # How a pass reads samples in a given order (warm and cold figures); random access
+    # always uses reader[i].
+    read: Callable[[Reader, Sequence[int]], Iterable[Mapping[str, object]]] = _by_index
 
 
 def _write_shipped(samples: Iterable[Sample], directory: Path, synth: SynthConfig) -> None:
@@ -339,7 +353,9 @@ _SHIPPED_LAYOUT = Layout(name="arrow-ipc", write=_write_shipped)
 _TORCH_LAYOUT = Layout(name="torch-save", write=_per_sample_writer(_torch_save, ".pt"))
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format(name=SHIPPED, label="Arrow IPC, uncompressed, mmap (shipped: shards.Dataset)",
+    Format(name=SHIPPED, label="Arrow IPC, uncompressed (shipped: shards.Dataset.stream, as the trainer reads)",
+           layout=_SHIPPED_LAYOUT, open=_open_shipped, read=_by_stream),
+    Format(name="arrow-ipc-getitem", label="same files through Dataset[i] in order (mmap, WILLNEED read-ahead)",
            layout=_SHIPPED_LAYOUT, open=_open_shipped),
     Format(name="arrow-ipc-views", label="same files, read as views of Array.buffers() (diagnostic)",
            layout=_SHIPPED_LAYOUT, open=_open_shipped_views),
@@ -465,7 +481,7 @@ def _read_pass(fmt: Format, directory: Path, touch: Touch, indices: Iterable[int
     """Seconds and bytes to open the format afresh and touch every tensor of `indices`."""
     start = time.perf_counter()
     reader = fmt.open(directory)
-    nbytes = sum(touch(reader[i]) for i in indices)
+    nbytes = sum(touch(sample) for sample in fmt.read(reader, indices))
     return time.perf_counter() - start, nbytes
 
 
@@ -491,15 +507,15 @@ def _check_round_trip(fmt: Format, directory: Path, samples: Sequence[Sample]) -
     reader = fmt.open(directory)
     if len(reader) != len(samples):
         raise RuntimeError(f"{fmt.name}: reader sees {len(reader)} samples, {len(samples)} were written")
-    for i in {0, len(samples) - 1}:
-        got = reader[i]
-        for key in TENSOR_KEYS:
-            want = getattr(samples[i], key)
-            have = got[key]
-            if have.dtype != want.dtype or have.shape != want.shape or not torch.equal(
-                    have.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
-                raise RuntimeError(f"{fmt.name}: sample {i} field {key} does not read back as written "
-                                   f"({tuple(have.shape)} {have.dtype} vs {tuple(want.shape)} {want.dtype})")
+    ends = sorted({0, len(samples) - 1})
+    for i, streamed in zip(ends, fmt.read(reader, ends)):
+        for got in (reader[i], streamed):
+            for key in TENSOR_KEYS:
+                want, have = getattr(samples[i], key), got[key]
+                if have.dtype != want.dtype or have.shape != want.shape or not torch.equal(
+                        have.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)):
+                    raise RuntimeError(f"{fmt.name}: sample {i} field {key} does not read back as written "
+                                       f"({tuple(have.shape)} {have.dtype} vs {tuple(want.shape)} {want.dtype})")
 
 
 @dataclass(kw_only=True, slots=True)

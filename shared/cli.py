@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub = shards.add_subparsers(title="shards commands", metavar="COMMAND", required=True)
 
     p = ssub.add_parser("synth", help="write a realistic synthetic data set (tests, benchmarks)")
-    p.add_argument("--out", required=True, type=Path, help="data set directory to create")
+    p.add_argument("--out", required=True, help="data set directory (or filesystem URI, e.g. s3://b/p) to create")
     p.add_argument("--samples", required=True, type=int, help="number of samples")
     p.add_argument("--hidden", required=True, type=int, help="hidden size H")
     p.add_argument("--seed", type=int, default=0)
@@ -71,11 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_synth)
 
     p = ssub.add_parser("verify", help="check every checksum and shape; non-zero exit names the bad shard")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", help="data set directory or filesystem URI (s3://bucket/prefix, file://...)")
     p.set_defaults(func=_cmd_verify)
 
     p = ssub.add_parser("inspect", help="summarise a data set (and optionally show one sample)")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", help="data set directory or filesystem URI (s3://bucket/prefix, file://...)")
     p.add_argument("--sample", type=int, default=None, help="also print sample I")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.set_defaults(func=_cmd_inspect)

@@ -57,8 +57,8 @@ from shared.manifest import (
     save_manifest,
 )
 from shared.storage import Location
-from shared.stream import (DIRECT_ALIGN, Block, FooterError, SampleStream, open_direct, read_direct,
-                           record_batch_blocks, residency)
+from shared.stream import (DIRECT_ALIGN, Block, FooterError, SampleStream, batch_layout, open_direct,
+                           read_direct, record_batch_blocks, residency)
 
 if TYPE_CHECKING:
     import torch
@@ -339,10 +339,25 @@ class _OpenShard:
 
 # --------------------------------------------------------------------------- reading
 
+# The schema's fields in order: (index, kind). Kinds: "<i"/"<q"/"<f" fixed-width scalars
+# (validity + values buffers), "utf8" (int32 offsets) and "large_binary" (int64 offsets),
+# each validity + offsets + data buffers. _decode_raw reads record batches by this table.
+_FIELDS = {name: (i, kind) for i, (name, kind) in enumerate([
+    ("sample_id", "utf8"), ("source_index", "<q"), ("num_tokens", "<i"), ("input_ids", "large_binary"),
+    ("loss_mask", "large_binary"), ("aux_hidden_states", "large_binary"), ("last_hidden_state", "large_binary"),
+    ("position_ids", "large_binary"), ("modality_spans", "utf8"), ("temperature", "<f"), ("finish_reason", "utf8"),
+])}
+_FIRST_BUFFER = dict(zip(_FIELDS, np.cumsum([0] + [2 if k.startswith("<") else 3 for _, k in _FIELDS.values()])
+                         .tolist()))
+_N_BUFFERS = sum(2 if k.startswith("<") else 3 for _, k in _FIELDS.values())
+
 _COLUMN = {name: i for i, name in enumerate(shard_schema(DatasetHeader(
     target=TargetInfo(name="-", config_sha256="", tokenizer_sha256="", chat_template_sha256="",
                       vocab_size=1, num_hidden_layers=1),
     hidden_size=1, aux_layer_ids=(0, 0, 0))).names)}
+
+if list(_FIELDS) != list(_COLUMN):
+    raise RuntimeError("shards._FIELDS must list shard_schema's fields in order")
 
 
 class Dataset:
@@ -386,7 +401,7 @@ class Dataset:
             yield self[i]
 
     def stream(self, indices: Iterable[int] | None = None, *, direct: bool = True,
-               readahead_bytes: int = 256 << 20, threads: int = 2, max_request: int = 16 << 20) -> SampleStream:
+               readahead_bytes: int = 64 << 20, threads: int = 2, max_request: int = 16 << 20) -> SampleStream:
         """The samples of `indices` (default: all, in order), read ahead in background threads.
 
         Samples not in the page cache are read with O_DIRECT where the filesystem allows it
@@ -433,7 +448,9 @@ class Dataset:
             sequential = index % len(self) == self._last_index + 1
             source.will_need(row, ahead=self.readahead_bytes if sequential else 0)
             self._last_index = index % len(self)
-        return self._decode(source.batch(row), shard, index)
+        if source.remote:
+            return self._decode(source.batch(row), shard, index)
+        return self._decode_raw(source.view, 0, source.blocks()[row], shard, index)
 
     def _shard(self, shard: int) -> _MappedShard | _RemoteShard:
         if os.getpid() != self._pid:  # forked: maps are not shared safely across processes
@@ -454,15 +471,69 @@ class Dataset:
         except (OSError, EOFError) as e:
             raise ShardError(f"{source.name}: reading bytes {start}-{end} failed ({e})") from None
         base = start - start % DIRECT_ALIGN
-        out = []
-        for row, index in zip(rows, indices):
-            block = blocks[row]
-            try:
-                message = ipc.read_message(data.slice(block.offset - base, block.end - block.offset))
-                batch = ipc.read_record_batch(message, self._schema)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise ShardError(f"{source.name}: sample {index} is not a readable record batch ({e})") from None
-            out.append(self._decode(batch, shard, index))
+        view = memoryview(data)
+        return [self._decode_raw(view, base, blocks[row], shard, index) for row, index in zip(rows, indices)]
+
+    def _decode_raw(self, view: memoryview, base: int, block: Block, shard: int, index: int) -> dict[str, object]:
+        """A sample straight from the bytes of its record batch (view[0] is file byte `base`):
+        tensors are views of `view`, no pyarrow objects in between."""
+        torch = self._torch
+        name = _LazyName(self.location, self.manifest.shards[shard].file)  # formatted only in errors
+        try:
+            layout = batch_layout(view, block.offset - base, block, len(_FIELDS), _N_BUFFERS)
+        except FooterError as e:
+            raise ShardError(f"{name}: sample {index} is not a readable record batch ({e})") from None
+        nodes, buffers, body = layout.nodes, layout.buffers, layout.body
+        if nodes[0][0] != 1:
+            raise ShardError(f"{name}: sample {index} is a record batch of {nodes[0][0]} rows, expected 1")
+
+        def value(field: str) -> tuple[int, int] | None:  # (position in view, bytes) of row 0
+            i, kind = _FIELDS[field]
+            if nodes[i][1]:
+                return None
+            first = _FIRST_BUFFER[field]
+            if kind in ("<i", "<q", "<f"):
+                return body + buffers[first + 1][0], struct.calcsize(kind)
+            width = 8 if kind == "large_binary" else 4
+            lo, hi = struct.unpack_from("<qq" if width == 8 else "<ii", view, body + buffers[first + 1][0])
+            if not 0 <= lo <= hi <= buffers[first + 2][1]:
+                raise ShardError(f"{name}: sample {index} field {field} has offsets [{lo}, {hi}) outside its "
+                                 f"{buffers[first + 2][1]}-byte data buffer")
+            return body + buffers[first + 2][0] + lo, hi - lo
+
+        def scalar(field: str):
+            where = value(field)
+            return None if where is None else struct.unpack_from(_FIELDS[field][1], view, where[0])[0]
+
+        def text(field: str) -> str | None:
+            where = value(field)
+            return None if where is None else bytes(view[where[0]:where[0] + where[1]]).decode()
+
+        def tensor(field: str, dtype, shape: tuple[int, ...]):
+            where = value(field)
+            expected = math.prod(shape) * dtype.itemsize
+            if where is None or where[1] != expected:
+                raise ShardError(f"{name} sample {index}: field {field} holds "
+                                 f"{'null' if where is None else where[1]} bytes, expected {expected} "
+                                 f"for shape {shape} {dtype}")
+            return torch.frombuffer(view, dtype=dtype, count=expected // dtype.itemsize,
+                                    offset=where[0]).view(shape)
+
+        t, h = scalar("num_tokens"), self.header.hidden_size
+        out: dict[str, object] = {
+            "sample_id": text("sample_id"),
+            "source_index": scalar("source_index"),
+            "input_ids": tensor("input_ids", torch.int32, (t,)),
+            "loss_mask": tensor("loss_mask", torch.uint8, (t,)),
+            "aux_hidden_states": tensor("aux_hidden_states", self._hidden_dtype, (t, 3, h)),
+            "last_hidden_state": tensor("last_hidden_state", self._hidden_dtype, (t, h)),
+        }
+        if value("position_ids") is not None:
+            out["position_ids"] = tensor("position_ids", torch.int32, (3, t))
+        spans = text("modality_spans")
+        out["modality_spans"] = [tuple(s) for s in json.loads(spans)] if spans else []
+        out["temperature"] = scalar("temperature")
+        out["finish_reason"] = text("finish_reason")
         return out
 
     def _decode(self, batch: pa.RecordBatch, shard: int, index: int) -> dict[str, object]:
@@ -496,6 +567,17 @@ class Dataset:
         return out
 
 
+class _LazyName:
+    def __init__(self, location: Location, file: str):
+        self._location, self._file = location, file
+
+    def __str__(self) -> str:
+        return self._location.name(self._file)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 class _MappedShard:
     """One open local shard: its private map, the IPC reader over it, the record batches
     (metadata over the mapped bytes) fetched once each on first use, and, for streams,
@@ -508,6 +590,7 @@ class _MappedShard:
         self.name = location.name(info.file)
         self.map, self.reader = open_shard(location, info, schema)
         self._base = pa.py_buffer(self.map).address
+        self.view = memoryview(self.map)  # tensors are views of it (and keep the map alive)
         self._batches: list[pa.RecordBatch | None] = [None] * self.reader.num_record_batches
         self._advised_end = 0  # read-ahead already asked for, up to this offset
         self._blocks: list[Block] | None = None
@@ -522,11 +605,8 @@ class _MappedShard:
         return self.reader.read_all().column(name)
 
     def will_need(self, row: int, *, ahead: int = 0) -> None:
-        batch = self.batch(row)
-        data = batch.column(_COLUMN["aux_hidden_states"]).buffers()[2]
-        last = batch.column(_COLUMN["last_hidden_state"]).buffers()[2]
-        start = min(data.address, last.address) - self._base
-        end = max(data.address + data.size, last.address + last.size) - self._base
+        block = self.blocks()[row]
+        start, end = block.offset, block.end
         if ahead and start < self._advised_end and end <= self._advised_end:
             return  # asked for already, with the read-ahead of an earlier sample
         end = min(end + ahead, len(self.map))
@@ -551,7 +631,7 @@ class _MappedShard:
         return self._blocks
 
     def cached(self, block: Block) -> bool:
-        return residency().all_cached(self._base + block.offset, block.end - block.offset)
+        return residency().probably_cached(self._base + block.offset, block.end - block.offset)
 
     def sample_bytes(self, row: int) -> int:
         block = self.blocks()[row]
@@ -562,9 +642,9 @@ class _MappedShard:
             self._fd = open_direct(self.name)
         return self._fd
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # os may be gone at interpreter exit
         if type(self._fd) is int:  # not False (never tried) or None (refused)
-            os.close(self._fd)
+            _close(self._fd)
 
 
 class _RemoteShard:

@@ -13,7 +13,7 @@ import torch
 
 from shared.manifest import load_manifest
 from shared.shards import Dataset, ShardError
-from shared.stream import open_direct, record_batch_blocks, residency
+from shared.stream import open_direct, record_batch_blocks
 from shared.synth import SynthConfig, write_synthetic
 
 CONFIG = SynthConfig(samples=40, hidden_size=128, mean_tokens=64, max_tokens=300, vocab=1000,
