@@ -46,6 +46,7 @@ from factory.targets import MODEL_DTYPES, TargetConfig
 from shared.manifest import DTYPES
 
 INPUT_FORMATS = ("auto", "messages", "sharegpt", "prompt")
+SCHEDULING = ("DEFAULT", "SPREAD")  # Ray scheduling strategies a job may name
 
 
 class JobConfigError(ValueError):
@@ -230,11 +231,18 @@ class RayConfig:
     capture_batch: int = 16  # rendered rows per capture task
     max_in_flight: int | None = None  # samples between read and write; None: 2 x server slots + 2 capture batches
     actor_max_restarts: int = 3  # a killed worker is restarted and its tasks retried this often
+    # Capture actors, each holding the target; capture batches go round-robin over them. On a
+    # cluster, several (with scheduling = "SPREAD") put capture on several nodes, and an actor lost
+    # with its node is restarted where room is left, its tasks retried there.
+    capture_actors: int = 1
+    scheduling: str = "DEFAULT"  # Ray's placement of the job's actors: DEFAULT (pack) or SPREAD (over nodes)
 
     def __post_init__(self) -> None:
         if self.address is not None and (self.num_cpus is not None or self.object_store_mb is not None):
             raise JobConfigError("ray.num_cpus and ray.object_store_mb size a local Ray; leave them out with ray.address")
-        for name in ("resamplers", "batch_size", "capture_batch"):
+        if self.scheduling not in SCHEDULING:
+            raise JobConfigError(f"ray.scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
+        for name in ("resamplers", "batch_size", "capture_batch", "capture_actors"):
             if getattr(self, name) < 1:
                 raise JobConfigError(f"ray.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_in_flight is not None and self.max_in_flight < self.batch_size:

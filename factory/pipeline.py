@@ -46,6 +46,13 @@ PROGRESS_NAME = "progress.json"
 JOB_NAME = "job.json"
 
 
+def _lost_work_errors() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean a task's actor, worker or node went away, not that the stage failed."""
+    from ray import exceptions as e
+
+    return (e.RayActorError, e.ObjectLostError, e.NodeDiedError, e.WorkerCrashedError)
+
+
 class FactoryError(RuntimeError):
     """The job stopped (a server or an actor failed past its retries); what was committed stays, and
     running the same job again resumes it."""
@@ -280,7 +287,7 @@ class Pipeline:
 
     job: JobConfig
     resamplers: list[Any]
-    capture: Any
+    captures: list[Any]  # capture actors; batches go round-robin over them
     servers: list[Any]  # VllmServerActor handles (empty when the job was given URLs or keeps answers)
     server_slots: int  # requests in flight across all servers
     timings: dict[str, float] = field(default_factory=dict)  # start-up phases, seconds
@@ -296,22 +303,24 @@ class Pipeline:
                 ray.get(server.stop.remote(), timeout=60)
             except Exception as e:  # noqa: BLE001 - best effort: the actor may already be gone
                 log.warning("stopping a vLLM server actor failed: %s", e)
-        for actor in [*self.resamplers, self.capture, *self.servers]:
+        for actor in [*self.resamplers, *self.captures, *self.servers]:
             ray.kill(actor)
 
 
 def build_pipeline(job: JobConfig) -> Pipeline:
     """Start the actors a job needs, in an initialised Ray: vLLM server actors (unless the job
-    gives URLs or keeps the original answers), resampler actors, the capture actor."""
+    gives URLs or keeps the original answers), resampler actors, the capture actors."""
     import ray
 
     from factory.resample import VllmServerActor, server_config
 
     started = time.monotonic()
-    retries = dict(max_restarts=job.ray.actor_max_restarts, max_task_retries=job.ray.actor_max_restarts)
+    retries = dict(max_restarts=job.ray.actor_max_restarts, max_task_retries=job.ray.actor_max_restarts,
+                   scheduling_strategy=job.ray.scheduling)
     # First, so the target loads while the servers start.
-    capture = ray.remote(_CaptureActor).options(num_cpus=job.capture.num_cpus, num_gpus=job.capture.num_gpus,
-                                                **retries).remote(job)
+    capture_cls = ray.remote(_CaptureActor).options(num_cpus=job.capture.num_cpus, num_gpus=job.capture.num_gpus,
+                                                    **retries)
+    captures = [capture_cls.remote(job) for _ in range(job.ray.capture_actors)]
     servers: list[Any] = []
     urls: list[str] = list(job.servers.urls)
     if not job.sampling.keep_original_answers and not urls:
@@ -329,7 +338,7 @@ def build_pipeline(job: JobConfig) -> Pipeline:
     names = [f"specmill-vllm-{i}" for i in range(len(servers))]
     resamplers = [resampler_cls.remote(job, urls, names) for _ in range(job.ray.resamplers)]
     slots = 0 if job.sampling.keep_original_answers else job.servers.concurrency * len(urls)
-    return Pipeline(job=job, resamplers=resamplers, capture=capture, servers=servers, server_slots=slots,
+    return Pipeline(job=job, resamplers=resamplers, captures=captures, servers=servers, server_slots=slots,
                     timings={"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {})
 
 
@@ -348,7 +357,7 @@ class _Driver:
         import ray
 
         started = time.monotonic()
-        header = ray.get(self.p.capture.header.remote())
+        header = ray.get(self.p.captures[0].header.remote())
         self.p.timings["capture_ready_s"] = round(time.monotonic() - started, 1)
         out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
         atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
@@ -371,17 +380,23 @@ class _Driver:
         import ray
 
         cfg = self.job.ray
+        lost_work = _lost_work_errors()
         source = self._prompts(done, quarantined, progress)
         exhausted = False
-        in_flight: dict[Any, tuple[str, list[Any]]] = {}  # ref -> (stage, its input)
+        in_flight: dict[Any, tuple[str, list[Any], int, int]] = {}  # ref -> (stage, its input, actor, attempt)
         meta: dict[str, Prompt] = {}  # sample id -> prompt, from read until written or quarantined
         waiting: list[RenderedRow] = []  # rendered, not yet sent to capture
-        turn = 0
+        turn = capture_turn = 0
         last_commit = time.monotonic()
 
         def quarantine(record: QuarantineRecord) -> None:
             out.quarantine(record)
             progress.quarantined += 1
+
+        def submit(stage: str, inputs: list[Any], actor: int, attempt: int = 0) -> None:
+            actors = self.p.resamplers if stage == "resample" else self.p.captures
+            actor %= len(actors)
+            in_flight[actors[actor].run.remote(inputs)] = (stage, inputs, actor, attempt)
 
         while True:
             while not exhausted and len(meta) + cfg.batch_size <= self.max_in_flight:
@@ -398,15 +413,16 @@ class _Driver:
                 if batch:
                     for prompt in batch:
                         meta[prompt.sample_id] = prompt
-                    ref = self.p.resamplers[turn % len(self.p.resamplers)].run.remote(batch)
+                    submit("resample", batch, turn)
                     turn += 1
-                    in_flight[ref] = ("resample", batch)
-            resampling = any(stage == "resample" for stage, _ in in_flight.values())
-            capturing = sum(stage == "capture" for stage, _ in in_flight.values())
-            while waiting and capturing < 2 and (len(waiting) >= cfg.capture_batch or capturing == 0
-                                                 or (exhausted and not resampling)):
+            resampling = any(stage == "resample" for stage, *_ in in_flight.values())
+            capturing = sum(stage == "capture" for stage, *_ in in_flight.values())
+            # Two batches per capture actor: one running, one queued behind it.
+            while waiting and capturing < 2 * len(self.p.captures) and (
+                    len(waiting) >= cfg.capture_batch or capturing == 0 or (exhausted and not resampling)):
                 rows, waiting = waiting[:cfg.capture_batch], waiting[cfg.capture_batch:]
-                in_flight[self.p.capture.run.remote(rows)] = ("capture", rows)
+                submit("capture", rows, capture_turn)
+                capture_turn += 1
                 capturing += 1
             if not in_flight:
                 if exhausted and not waiting:
@@ -414,10 +430,21 @@ class _Driver:
                 continue
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
-                stage, inputs = in_flight.pop(ref)
+                stage, inputs, actor, attempt = in_flight.pop(ref)
                 try:
                     results = ray.get(ref)
-                except (ray.exceptions.RayError) as e:
+                except lost_work as e:
+                    # The actor or its node went away with the task (Ray does not retry a task whose
+                    # actor became unreachable). Stages are pure and the driver alone writes, so
+                    # running the batch again on the next actor cannot duplicate a sample.
+                    if attempt >= cfg.actor_max_restarts:
+                        raise FactoryError(f"the {stage} stage lost samples {[x.sample_id for x in inputs][:4]}... "
+                                           f"{attempt + 1} times; last: {e}") from e
+                    log.warning("%s batch lost with its actor (%s); running it again on another actor",
+                                stage, type(e).__name__)
+                    submit(stage, inputs, actor + 1, attempt + 1)
+                    continue
+                except ray.exceptions.RayError as e:
                     raise FactoryError(f"the {stage} stage failed on samples "
                                        f"{[x.sample_id for x in inputs][:4]}...: {e}") from e
                 if stage == "resample":
@@ -578,11 +605,12 @@ def _check_resources(job: JobConfig) -> None:
     if job.ray.address is not None:
         return  # a cluster may scale up to fit
     servers = 0 if job.sampling.keep_original_answers or job.servers.urls else job.servers.replicas
-    need = {"CPU": servers * job.servers.num_cpus + job.capture.num_cpus,
-            "GPU": servers * job.servers.num_gpus + job.capture.num_gpus}
+    captures = job.ray.capture_actors
+    need = {"CPU": servers * job.servers.num_cpus + captures * job.capture.num_cpus,
+            "GPU": servers * job.servers.num_gpus + captures * job.capture.num_gpus}
     have = ray.cluster_resources()
     for resource, amount in need.items():
         if amount > have.get(resource, 0) + 1e-9:
             raise FactoryError(f"the job's actors need {amount:g} {resource} (servers.replicas x servers.num_"
-                               f"{resource.lower()}s + capture.num_{resource.lower()}s) but the local Ray has "
-                               f"{have.get(resource, 0):g}; lower them or raise ray.num_cpus")
+                               f"{resource.lower()}s + ray.capture_actors x capture.num_{resource.lower()}s) but "
+                               f"the local Ray has {have.get(resource, 0):g}; lower them or raise ray.num_cpus")
