@@ -1,12 +1,14 @@
-"""`specmill eval`: serve the target with vLLM three ways on the same prompts and compare.
+"""`specmill eval`: run the target three ways on the same prompts and compare.
 
     none    no speculation: the reference for greedy output and throughput
     ngram   vLLM's prompt-lookup proposer: the baseline that needs no training
     eagle3  the exported draft, k speculative tokens
 
-Each way gets its own server, started, used and stopped in turn (one at a time: the CPU
-build pins every core and takes GBs). Acceptance comes from the server's counters,
-diffed around the measured requests:
+Two engines. `--engine vllm`: each way gets its own vLLM server, started, used and stopped in
+turn (one at a time: the CPU build pins every core and takes GBs); acceptance comes from the
+server's counters, diffed around the measured requests. `--engine torch`: specmill's own
+greedy speculative loop (spec_decode.py) on a transformers model, batch 1, counting the same
+way; it serves targets the vLLM build cannot and cross-checks vLLM. Both report:
 
     AL                  = 1 + accepted / drafts        (tokens per draft round)
     tokens per forward  = completion / (completion - accepted)
@@ -33,8 +35,10 @@ from trainer.engine import VllmEngine
 log = logging.getLogger("specmill.trainer")
 
 WAYS = ("none", "ngram", "eagle3")
-ENGINES = ("vllm",)
+ENGINES = ("vllm", "torch")
 DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_DTYPE = {"vllm": "bfloat16", "torch": "float32"}  # torch: exact greedy agreement on CPU
+PROMPT_LOOKUP_MAX = 4  # the n-gram way's n (vLLM: prompt_lookup_min defaults to the max)
 _METRIC = "vllm:spec_decode_num_{}_total"
 _PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
 # a Prometheus sample line: name, optional {labels}, value
@@ -52,16 +56,18 @@ class EvalConfig:
     k: int = 3
     max_tokens: int = 64
     concurrency: int = 4
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # None: DEFAULT_DTYPE[engine]
     engine: str = "vllm"
     max_model_len: int = 2048
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE; the CPU build's default reserves far more
     request_timeout_s: float = 600.0
+    progress: bool = True  # progress bars (torch engine)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise ValueError(f"--engine {self.engine!r} is not built yet; only --engine vllm is "
-                             "(specmill's own PyTorch speculative loop is future work)")
+            raise ValueError(f"--engine must be one of {ENGINES} (vllm: the vLLM server; torch: specmill's "
+                             f"own PyTorch speculative loop), got {self.engine!r}")
+        self.dtype = self.dtype or DEFAULT_DTYPE[self.engine]
         self.target, self.draft, self.prompts, self.out = map(Path, (self.target, self.draft, self.prompts, self.out))
         if not (self.target / "config.json").is_file():
             raise ValueError(f"--target must be a HF model directory with a config.json, got {self.target}")
@@ -89,6 +95,7 @@ class WayRun:
     draft_tokens: float = 0.0
     accepted: float = 0.0
     accepted_per_pos: dict[int, float] = field(default_factory=dict)
+    target_forwards: int | None = None  # counted by the torch engine; vLLM does not expose it
 
 
 def load_prompts(path: Path) -> list[list[dict[str, str]]]:
@@ -121,7 +128,7 @@ def speculative_config(way: str, draft: Path, k: int) -> dict[str, Any] | None:
     if way == "none":
         return None
     if way == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4}
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": PROMPT_LOOKUP_MAX}
     if way == "eagle3":
         return {"method": "eagle3", "model": str(draft.resolve()), "num_speculative_tokens": k}
     raise ValueError(f"unknown way {way!r}; expected one of {WAYS}")
@@ -194,6 +201,11 @@ def summarize(run: WayRun, reference: WayRun | None) -> dict[str, Any]:
                                     if speculating else []),
         "texts": run.texts,
     }
+    if run.target_forwards is not None:
+        # counted, prefills included; above, the vLLM formula, which overstates a little when
+        # EOS or max_tokens cut a round's accepted tokens (vLLM counts them as accepted)
+        summary["target_forwards"] = run.target_forwards
+        summary["tokens_per_forward_counted"] = completion / run.target_forwards
     if reference is not None:
         same = [a == b for a, b in zip(run.texts, reference.texts, strict=True)]
         summary["greedy_agreement"] = sum(same) / len(same)
@@ -215,11 +227,17 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Serve the target three ways, write the JSON report and chart, return the report."""
     prompts = load_prompts(config.prompts)
     config.out.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for way in WAYS:
-        log.info("eval: %s on %d prompts (max_tokens %d, concurrency %d)", way, len(prompts), config.max_tokens,
-                 config.concurrency)
-        runs[way] = run_way(way, config, prompts)
+    if config.engine == "torch":
+        from trainer.spec_decode import run_ways
+
+        log.info("eval (torch): %s on %d prompts, batch 1, max_tokens %d", WAYS, len(prompts), config.max_tokens)
+        runs = run_ways(config, prompts, WAYS)
+    else:
+        runs = {}
+        for way in WAYS:
+            log.info("eval: %s on %d prompts (max_tokens %d, concurrency %d)", way, len(prompts),
+                     config.max_tokens, config.concurrency)
+            runs[way] = run_way(way, config, prompts)
     ways = {way: summarize(run, None if way == "none" else runs["none"]) for way, run in runs.items()}
     base = ways["none"]["output_tokens_per_s"]
     for summary in ways.values():
@@ -227,7 +245,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     report = {
         "target": str(config.target), "draft": str(config.draft), "prompts": str(config.prompts),
         "num_prompts": len(prompts), "k": config.k, "max_tokens": config.max_tokens,
-        "concurrency": config.concurrency, "batching": "sequential" if config.concurrency == 1 else
+        "concurrency": 1 if config.engine == "torch" else config.concurrency,
+        "batching": "sequential (batch 1)" if config.engine == "torch" or config.concurrency == 1 else
         f"up to {config.concurrency} requests in flight", "engine": config.engine, "dtype": config.dtype,
         "decoding": "greedy (temperature 0)",
         "simulated_acceptance_length": simulated_acceptance_length(config.draft),
