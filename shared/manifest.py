@@ -1,8 +1,10 @@
 """The data set manifest: what a directory of shards holds and how it was made.
 
 `manifest.json` is the only index of a data set. A shard file exists for readers only
-once it is listed here, and the manifest is replaced atomically (write, fsync, rename),
-so a reader never sees a shard that was not fully written.
+once it is listed here, and the manifest is replaced atomically (write, fsync, rename;
+on an object store one PUT, written after the shard objects it lists), so a reader never
+sees a shard that was not fully written. Data sets may live on a filesystem URI
+(shared.storage).
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """The shard format: Arrow IPC files, one record batch per sample, memory-mapped on read.
 
+Reading: `Dataset[i]` for random access (views of the memory map), `Dataset.stream(order)`
+for epochs (O_DIRECT read-ahead for samples not in the page cache, see shared.stream).
+Both decode a record batch straight from its bytes. A data set may also live on a
+filesystem URI (s3://..., see shared.storage).
+
 Why this layout (figures from `specmill shards bench`, see README): an uncompressed Arrow
 IPC file is the sample's bytes plus a small footer, so a memory-mapped read hands torch
 the hidden states without a copy or a decode step, and `get_batch(i)` makes random access
@@ -460,6 +465,13 @@ class Dataset:
             kind = _MappedShard if self.location.is_local else _RemoteShard
             opened = self._readers[shard] = kind(self.location, self.manifest.shards[shard], self._schema)
         return opened
+
+    def _populated(self, shard: int, row: int, index: int) -> list[dict[str, object]]:
+        """A cached sample of a local shard with its pages mapped in (runs in a stream thread)."""
+        source = self._shard(shard)
+        block = source.blocks()[row]
+        residency().populate(source._base + block.offset, block.end - block.offset)
+        return [self._decode_raw(source.view, 0, block, shard, index)]
 
     def _read_direct(self, shard: int, rows: list[int], indices: list[int]) -> list[dict[str, object]]:
         """Consecutive rows of a local shard in one O_DIRECT request (runs in a stream thread)."""

@@ -7,7 +7,9 @@ that is not already in the page cache with O_DIRECT: the record batch's whole by
 (neighbouring samples of one shard coalesced into one request of up to `max_request`
 bytes) lands in a fresh page-aligned buffer, and the tensors handed out are views of it.
 Samples already in the page cache (`mincore`) are read through the memory map, as
-`Dataset[i]` does: O_DIRECT would go back to the disk for them.
+`Dataset[i]` does (O_DIRECT would go back to the disk for them), with a pool thread
+mapping their pages in (MADV_POPULATE_READ) ahead of the consumer: on a fresh map the
+page faults cost about a third of a warm read, and this moves them to another core.
 
 O_DIRECT is detected per shard file, not assumed: where the filesystem refuses it (tmpfs,
 some network filesystems) the stream reads through the map, with kernel read-ahead.
@@ -41,6 +43,7 @@ log = logging.getLogger("specmill.shards")
 # O_DIRECT needs offsets, lengths and buffers aligned to the device's logical block size:
 # 4096 covers both 512-byte and 4K devices, and mmap'd buffers are page aligned.
 DIRECT_ALIGN = 4096
+_MADV_POPULATE_READ = 22  # not in Python 3.11's mmap module
 _ARROW_MAGIC = b"ARROW1"
 
 
@@ -238,6 +241,10 @@ class _Residency:
         self._mincore = libc.mincore
         self._mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self._mincore.restype = ctypes.c_int
+        self._madvise = libc.madvise
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._madvise.restype = ctypes.c_int
+        self._populate_ok = True
         self._local = threading.local()
 
     def probably_cached(self, address: int, length: int) -> bool:
@@ -253,6 +260,18 @@ class _Residency:
         pages = (address + length - 1 - first) // mmap.PAGESIZE + 1
         probes = {(pages - 1) * k // (self._PROBES - 1) for k in range(self._PROBES)}
         return all(self._page_cached(first + p * mmap.PAGESIZE, vector) for p in sorted(probes))
+
+    @property
+    def can_populate(self) -> bool:
+        return self._populate_ok
+
+    def populate(self, address: int, length: int) -> None:
+        """Map the cached pages of a range into the page table now (MADV_POPULATE_READ,
+        Linux 5.14+), through ctypes so that the GIL is released meanwhile."""
+        first = address - address % mmap.PAGESIZE
+        if self._populate_ok and self._madvise(first, address + length - first, _MADV_POPULATE_READ) != 0:
+            self._populate_ok = False  # an older kernel: the consumer faults the pages in
+            log.info("MADV_POPULATE_READ refused (errno %d): warm stream reads fault pages in", ctypes.get_errno())
 
     def _page_cached(self, page: int, vector) -> bool:
         return self._mincore(page, mmap.PAGESIZE, vector) == 0 and bool(vector.raw[0] & 1)
@@ -303,6 +322,7 @@ class SampleStream:
         self._in_flight = 0
         self._ready: collections.deque[dict] = collections.deque()
         self._exhausted = False
+        self._populate = residency().can_populate
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         return self
@@ -366,7 +386,10 @@ class SampleStream:
         blocks = source.blocks()
         nbytes = blocks[row].end - blocks[row].offset
         if source.cached(blocks[row]):
-            return _Slot(indices=(index,), nbytes=nbytes, advise=False)
+            # Read through the map; a pool thread maps its pages in ahead of the consumer
+            # (page faults cost a third of a warm read, and here they run on another core).
+            future = self._pool.submit(ds._populated, shard, row, index) if self._populate else None
+            return _Slot(indices=(index,), nbytes=nbytes, future=future, advise=False)
         if not self._direct or source.direct_fd() is None:
             return _Slot(indices=(index,), nbytes=nbytes, advise=True)
         rows, start, end = [row], blocks[row].offset, blocks[row].end
