@@ -110,6 +110,7 @@ PageOffset = Annotated[int, Query(ge=0, le=1 << 40)]
 def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     @app.post("/v1/jobs", status_code=201, response_model=JobPublic, tags=["jobs"],
               responses={**_ERRORS, 200: {"model": JobPublic, "description": "a retried submit: the same job"},
+                         400: {"model": ErrorDetail, "description": "the body is not JSON"},
                          409: {"model": ErrorDetail, "description": "the Idempotency-Key was used for another "
                                                                     "spec, or the output directory is in use"},
                          413: {"model": ErrorDetail, "description": "request body too large"}})

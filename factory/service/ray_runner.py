@@ -87,6 +87,7 @@ class LocalRayCluster:
         import psutil
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_dead_temp_dir()
         # A temp dir of its own: `ray.init()` elsewhere on this machine looks for a cluster to
         # join in /tmp/ray, and must not find this one. Short: Ray's socket paths must fit 107 bytes.
         temp_dir = Path("/tmp") / f"specmill-ray-{os.getpid()}-{int(time.time())}"
@@ -118,6 +119,16 @@ class LocalRayCluster:
         tmp.write_text(json.dumps(state))
         tmp.replace(self.state_file)
         return state
+
+
+    def _remove_dead_temp_dir(self) -> None:
+        """A cluster that died (killed, machine restarted) leaves its session files behind."""
+        try:
+            old = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if isinstance(old.get("temp_dir"), str) and old["temp_dir"].startswith("/tmp/specmill-ray-"):
+            shutil.rmtree(old["temp_dir"], ignore_errors=True)
 
 
 def _job_api_answers(url: str) -> bool:
