@@ -19,12 +19,12 @@ from factory.service.settings import ApiToken, ServiceSettings
 from factory.service.store import JobStore
 from shared.vllm_launch import free_port
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)  # Debian's layout, newest first
 TOKEN = "pg-token-0123456789abcdef"
 
 
 def _pg_tool(name: str) -> str | None:
-    return str(PG_BIN / name) if (PG_BIN / name).is_file() else shutil.which(name)
+    return next((str(d / name) for d in PG_BINS if (d / name).is_file()), None) or shutil.which(name)
 
 
 @pytest.fixture(scope="module")
