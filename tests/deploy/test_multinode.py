@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from factory.default_model import DefaultModelConfig, prepare_default
+from factory.job import JobConfigError, RayConfig
 from factory.prompts import write_chitchat_prompts
 from factory.tiny_models import build_tiny_causal_lm
 from shared.manifest import load_manifest
@@ -159,4 +161,15 @@ def test_a_job_survives_losing_a_node_with_every_sample_exactly_once(tmp_path, h
     assert after == reference
     assert report["samples"] == one_node["report"]["samples"]
     print(f"\n{N_CHATS} chats: one node {one_node['seconds']:.0f} s; two nodes with one killed at "
-          f"{at_kill.rows} committed samples: {report['this_run']['elapsed_s']:.0f} s of job time")
+          f"{at_kill.rows} committed samples: {report['this_run']['elapsed_s']:.0f} s of job time; "
+          f"{stderr.count('lost with its actor')} batch(es) run again by the driver, "
+          f"{stderr.count('actor restarted after its worker died')} actor(s) restarted by Ray")
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"scheduling": "spread"}, "ray.scheduling must be one of ('DEFAULT', 'SPREAD')"),
+    ({"capture_actors": 0}, "ray.capture_actors must be at least 1"),
+])
+def test_a_bad_spreading_setting_is_refused_naming_the_key(settings, error):
+    with pytest.raises(JobConfigError, match=re.escape(error)):
+        RayConfig(**settings)
