@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -28,30 +29,32 @@ def _pg_tool(name: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def pg_url(tmp_path_factory) -> str:
+def pg_url() -> str:
     initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
     if initdb is None or pg_ctl is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install -y postgresql")
     as_user: list[str] = []
-    base = tmp_path_factory.mktemp("pg")
+    # Not under pytest's temp tree: pytest keeps that 0700 for root, out of the postgres user's reach.
+    base = Path(tempfile.mkdtemp(prefix="specmill-pg-"))
     if os.geteuid() == 0:  # postgres refuses to run as root
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(base, "postgres")
-        for parent in base.parents:  # the postgres user must be able to reach its data directory
-            if parent == Path("/"):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o001)
     data, port = base / "data", free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "specmill", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "pg.log"), "-w", "-o",
-                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
     try:
+        _run([*as_user, initdb, "-D", str(data), "-U", "specmill", "--auth=trust", "-E", "UTF8"])
+        _run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "pg.log"), "-w", "-o",
+              f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"])
         yield f"postgresql://specmill@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(argv)}: {done.stdout[-2000:]} {done.stderr[-2000:]}"
 
 
 @pytest.fixture()
