@@ -134,17 +134,17 @@ def _measure_compute(train_config, warmup: int) -> dict[str, float]:
     from trainer.train import setup, train_step
 
     run = setup(train_config)
-    batches = [next(run.loader).to(run.device) for _ in range(train_config.steps)]
+    steps = [[b.to(run.device) for b in next(run.loader)] for _ in range(train_config.steps)]
     run.loader.close()
     seconds, tokens = 0.0, 0
-    for i, batch in enumerate(batches):
+    for i, batches in enumerate(steps):
         start = time.perf_counter()
-        train_step(run.model, run.head, batch, run.optimizer, run.scheduler, train_config, run.world)
+        train_step(run.model, run.head, batches, run.optimizer, run.scheduler, train_config, run.world)
         _sync(run.device)
         if i >= warmup:
             seconds += time.perf_counter() - start
-            tokens += batch.tokens
-    return {"steps": len(batches) - warmup, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+            tokens += sum(b.tokens for b in batches)
+    return {"steps": len(steps) - warmup, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
 _MEASURE = {"loop": _measure_loop, "compute": _measure_compute}
@@ -156,7 +156,7 @@ def _breakdown(train_config, warmup: int) -> dict[str, float]:
     from trainer.train import _autocast, setup
 
     run = setup(train_config)
-    batches = [next(run.loader).to(run.device) for _ in range(train_config.steps)]
+    batches = [next(run.loader)[0].to(run.device) for _ in range(train_config.steps)]
     run.loader.close()
     parts = {"target_head": 0.0, "draft_forward_and_loss": 0.0, "backward": 0.0, "optimizer": 0.0}
     params = [p for p in run.model.parameters() if p.requires_grad]

@@ -10,6 +10,7 @@ only function that reads TOML. Each component receives its own section:
     [ttt]        steps = 7   step_decay = 0.8
     [optim]      lr = 1e-4   grad_clip = 0.5
     [checkpoint] every = 500 keep = 2
+    [distributed] strategy = "ddp"      (or "fsdp"; only with several torchrun processes)
 
 Relative paths in a TOML file are relative to that file; paths given as flags are
 relative to the current directory.
@@ -26,6 +27,7 @@ from typing import Any, Mapping
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
+STRATEGIES = ("ddp", "fsdp")
 
 # Fields that may change between a run and its resumption without changing what is
 # trained: where things are, how often we log or save, when to stop early. Every other
@@ -88,14 +90,18 @@ class DataConfig:
     max_seq_len: int | None = None
     # Samples held out for validation (a seeded choice, never trained on).
     val_samples: int = 0
-    # Batches read ahead by the background thread.
+    # Micro-batches (each one packed row of token_budget tokens) per optimizer step on each
+    # rank; gradients are averaged over them (accumulation). The global batch is
+    # world_size x micro_batches micro-batches of one global stream (see trainer/data.py).
+    micro_batches: int = 1
+    # Steps read ahead by the background thread.
     prefetch: int = 4
 
     def __post_init__(self) -> None:
         if self.path is None or str(self.path) == "":
             raise ConfigError("data.path is required: set [data] path in the TOML file or pass --data DIR")
         self.path = Path(self.path)
-        _positive("data.", self, "token_budget", "max_seq_len", "prefetch")
+        _positive("data.", self, "token_budget", "max_seq_len", "micro_batches", "prefetch")
         _positive("data.", self, "val_samples", allow_zero=True)
         if self.max_seq_len is None:
             self.max_seq_len = self.token_budget
@@ -180,6 +186,22 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DistributedConfig:
+    """How ranks started by torchrun share the work (ignored with one process).
+
+    ddp: every rank holds the whole draft; gradients are all-reduced. fsdp: the draft's
+    parameters, gradients and optimizer state are sharded across ranks (torch FSDP2
+    `fully_shard` on fc, the decoder layer, norm and lm_head), for a draft too large to
+    replicate (a wide lm_head over a big draft vocab)."""
+
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"distributed.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     out: Path
     steps: int
@@ -189,6 +211,7 @@ class TrainConfig:
     ttt: TTTConfig = field(default_factory=TTTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
@@ -301,7 +324,7 @@ def _build(cls: type, raw: dict[str, Any], *, prefix: str, source: str) -> Any:
 
 
 _SECTIONS = {"target": TargetConfig, "data": DataConfig, "draft": DraftConfig, "ttt": TTTConfig,
-             "optim": OptimConfig, "checkpoint": CheckpointConfig}
+             "optim": OptimConfig, "checkpoint": CheckpointConfig, "distributed": DistributedConfig}
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,15 +1,22 @@
 """Batches from a shard data set: seeded order, packing to a token budget, background
 prefetch, split across data-parallel ranks, and a position that resumes exactly.
 
-Order: epoch e reads `Dataset.sample_order(seed, epoch=e, rank, world_size)` (a seeded
-permutation dealt round-robin to ranks) minus the held-out validation samples. Batches are
-packed greedily in that order: samples are concatenated into one row until the next one
-would pass `token_budget` (a sample longer than `max_seq_len` is cut to its first
-`max_seq_len` tokens). A batch never spans two epochs, so the stream's position is just
-(epoch, cursor = index in the epoch's order of the next sample): the same position always
-yields the same batches, which is what makes resume exact.
+Order: epoch e reads `Dataset.sample_order(seed, epoch=e)` (a seeded permutation) minus the
+held-out validation samples. Micro-batches are packed greedily in that order: samples are
+concatenated into one row until the next one would pass `token_budget` (a sample longer
+than `max_seq_len` is cut to its first `max_seq_len` tokens). A micro-batch never spans two
+epochs, so a position in the stream is just (epoch, cursor = index in the epoch's order of
+the next sample): the same position always yields the same micro-batches, which is what
+makes resume exact.
 
-A background thread reads and packs `prefetch` batches ahead (pyarrow releases the GIL on
+One optimizer step takes the next G = world_size x micro_batches micro-batches of this one
+global stream (a step may take the last of one epoch and the first of the next); rank r
+gets the r-th run of `micro_batches` of them. Every rank packs the same global stream and
+reads only its own samples, so the union of the ranks' micro-batches does not depend on the
+rank count: 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches train on the same data,
+and (gradients being averaged over micro-batches and ranks alike) to the same weights.
+
+A background thread reads and packs `prefetch` steps ahead (pyarrow releases the GIL on
 its memory-mapped reads); `wait_seconds` counts how long the training loop was blocked on it.
 """
 
@@ -99,10 +106,11 @@ def split_validation(ds: Dataset, *, seed: int, val_samples: int) -> np.ndarray:
 
 
 class PackedLoader:
-    """An endless stream of packed training batches with background prefetch.
+    """An endless stream of this rank's share of each step's micro-batches, with background prefetch.
 
-    `state_dict()` is the position after the last batch handed to the caller (not after
-    what the thread has read ahead); `load_state_dict()` restarts the stream there.
+    `next()` gives a list of `micro_batches` Batches (one step on this rank). `state_dict()`
+    is the position after the last step handed to the caller (not after what the thread has
+    read ahead), the same on every rank; `load_state_dict()` restarts the stream there.
     """
 
     def __init__(self, ds: Dataset, config: DataConfig, *, seed: int, exclude: np.ndarray,
@@ -118,11 +126,11 @@ class PackedLoader:
         self._stop = threading.Event()
         self.wait_seconds = 0.0
         if len(self.epoch_order(0)) == 0:
-            raise ValueError(f"rank {rank} of {world_size} gets no training samples from {ds.dir} "
-                             f"({len(ds)} samples, {len(exclude)} held out)")
+            raise ValueError(f"no training samples in {ds.dir} ({len(ds)} samples, {len(exclude)} held out)")
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        order = self.ds.sample_order(seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size)
+        """The global order of epoch `epoch` (the same on every rank)."""
+        order = self.ds.sample_order(seed=self.seed, epoch=epoch)
         return order[~np.isin(order, self._exclude)]
 
     def state_dict(self) -> dict[str, int]:
@@ -132,10 +140,10 @@ class PackedLoader:
         self.close()
         self._position = Position(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[list[Batch]]:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> list[Batch]:
         if self._thread is None:
             self._stop.clear()
             self._queue = queue.Queue(maxsize=self.config.prefetch)
@@ -148,7 +156,7 @@ class PackedLoader:
         if isinstance(item, BaseException):
             self.close()
             raise item
-        self._position = item.after
+        self._position = item[-1].after
         return item
 
     def close(self) -> None:
@@ -167,10 +175,10 @@ class PackedLoader:
 
     def _produce(self, start: Position) -> None:
         try:
-            for batch in self._batches(start):
+            for step in self._steps(start):
                 while not self._stop.is_set():
                     try:
-                        self._queue.put(batch, timeout=0.1)
+                        self._queue.put(step, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -179,7 +187,22 @@ class PackedLoader:
         except Exception as e:  # handed to the training loop, which re-raises it
             self._queue.put(e)
 
-    def _batches(self, start: Position) -> Iterator[Batch]:
+    def _steps(self, start: Position) -> Iterator[list[Batch]]:
+        """Per step: this rank's micro-batches, read and packed; each carries the step's end position."""
+        per_rank = self.config.micro_batches
+        plan = self._plan(start)
+        while True:
+            group = [next(plan) for _ in range(self.world_size * per_rank)]
+            after = group[-1][1]
+            mine = group[self.rank * per_rank:(self.rank + 1) * per_rank]
+            step = [pack([self.ds[int(i)] for i in indices], self.config.max_seq_len, after) for indices, _ in mine]
+            yield [b.pin_memory() for b in step] if self.pin_memory else step
+            if self._stop.is_set():
+                return
+
+    def _plan(self, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
+        """The global micro-batch stream from `start`, as (sample indices, position after it);
+        lengths only, no reads."""
         epoch, cursor = start.epoch, start.cursor
         budget = self.config.token_budget
         while True:
@@ -189,12 +212,8 @@ class PackedLoader:
                 while end < len(order) and (end == cursor or tokens + self._lengths[order[end]] <= budget):
                     tokens += int(self._lengths[order[end]])
                     end += 1
-                samples = [self.ds[int(i)] for i in order[cursor:end]]
                 after = Position(epoch=epoch, cursor=end) if end < len(order) else Position(epoch=epoch + 1)
-                batch = pack(samples, self.config.max_seq_len, after)
-                yield batch.pin_memory() if self.pin_memory else batch
-                if self._stop.is_set():
-                    return
+                yield order[cursor:end], after
                 cursor = end
             epoch, cursor = epoch + 1, 0
 

@@ -1,9 +1,17 @@
 """Data parallelism across processes started by torchrun (one per GPU, or a few on CPU).
 
-Every rank holds the whole draft (it is one layer), reads its own share of the samples,
-and averages gradients with one all-reduce per step; there is no DDP wrapper because the
-TTT unroll calls the draft's parts, not its forward(). Rank 0 logs, writes metrics and
-checkpoints; the data position of every rank goes into the checkpoint.
+Each rank reads its own share of every step's micro-batches (trainer/data.py). Two strategies
+(`distributed.strategy`):
+- ddp: every rank holds the whole draft (it is one layer) and gradients are averaged with
+  one flat all-reduce per step; there is no DDP wrapper because the TTT unroll calls the
+  draft's parts, not its forward().
+- fsdp: torch FSDP2 `fully_shard` on each part the unroll calls (fc, midlayer, norm,
+  lm_head), so each part's forward hook gathers its parameters and its backward
+  reduce-scatters the gradient mean; parameters, gradients and AdamW state live sharded.
+  The root is not sharded: its forward() is never called. Checkpoints hold the full
+  (unsharded) state, gathered to rank 0, so export reads them like ddp's.
+Rank 0 logs, writes metrics and checkpoints; the data position of every rank goes into the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ class World:
     rank: int = 0
     size: int = 1
     owns_group: bool = False  # init_world started the process group (so close() ends it)
+    sharded: bool = False  # the draft is FSDP-sharded (shard_draft): gradients arrive averaged
 
     @property
     def is_main(self) -> bool:
@@ -31,8 +40,9 @@ class World:
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """grad <- mean over ranks, as one flat all-reduce (a missing grad counts as zeros,
-        so every rank reduces the same layout)."""
-        if self.size == 1:
+        so every rank reduces the same layout). A no-op when sharded: FSDP's backward has
+        already reduce-scattered the mean."""
+        if self.size == 1 or self.sharded:
             return
         for p in params:
             if p.grad is None:
@@ -113,3 +123,58 @@ class RankedLoaderState:
             raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has {self.world.size}; "
                              "resume with the same number of processes")
         self.loader.load_state_dict(state["ranks"][self.world.rank])
+
+
+# --------------------------------------------------------------------------- fsdp
+
+# The draft's parts that the TTT unroll calls (so their forward hooks gather the parameters).
+SHARDED_PARTS = ("fc", "midlayer", "norm", "lm_head")
+
+
+def shard_draft(model: torch.nn.Module, world: World) -> None:
+    """FSDP2 `fully_shard` on each part in SHARDED_PARTS (in place, before the optimizer is built)."""
+    from torch.distributed.fsdp import fully_shard
+
+    covered = {f"{part}.{name}" for part in SHARDED_PARTS for name, _ in getattr(model, part).named_parameters()}
+    missing = {name for name, _ in model.named_parameters()} - covered
+    if missing:  # a parameter outside every part would stay unsharded and un-averaged
+        raise RuntimeError(f"parameters {sorted(missing)} are in no FSDP part {SHARDED_PARTS}")
+    for part in SHARDED_PARTS:
+        fully_shard(getattr(model, part))
+    world.sharded = True
+
+
+class ShardedModelState:
+    """The sharded draft's state as full tensors (gathered to rank 0 on save; every rank
+    takes its shard on load): the same layout as an unsharded draft's state_dict()."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+
+class ShardedOptimizerState:
+    """AdamW's sharded state as full tensors keyed by parameter name (collective, like ShardedModelState)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -127,6 +127,16 @@ def ttt_loss(draft: Eagle3Draft, head: TargetHead, batch: Batch, config: TTTConf
                      counted=torch.stack(counted))
 
 
+def merge(outputs: list[TTTOutput]) -> TTTOutput:
+    """One step's micro-batches as one output: loss = their mean (as gradients are averaged),
+    step_loss weighted by counted positions, counts summed."""
+    counted = torch.stack([o.counted for o in outputs]).sum(0)
+    weighted = torch.stack([o.step_loss * o.counted for o in outputs]).sum(0)
+    return TTTOutput(loss=torch.stack([o.loss for o in outputs]).mean(),
+                     step_loss=weighted / counted.clamp_min(1),
+                     correct=torch.stack([o.correct for o in outputs]).sum(0), counted=counted)
+
+
 def acceptance_length(acc: list[float]) -> float:
     """1 + sum_k prod_{i<=k} acc_i."""
     total, run = 1.0, 1.0

@@ -23,8 +23,9 @@ from shared.shards import Dataset
 from trainer.checkpoint import Checkpointer, RNGState, check_compatible, read_meta
 from trainer.config import OptimConfig, TrainConfig, TTTConfig
 from trainer.data import Batch, PackedLoader, dataset_fingerprint, split_validation, validation_batches
-from trainer.distributed import RankedLoaderState, World, init_world
-from trainer.loss import TTTOutput, acceptance_length, ttt_loss
+from trainer.distributed import (RankedLoaderState, ShardedModelState, ShardedOptimizerState, World,
+                                 init_world, shard_draft)
+from trainer.loss import TTTOutput, acceptance_length, merge, ttt_loss
 from trainer.model import DraftArch, Eagle3Draft
 from trainer.target import TargetArch, TargetHead, load_target_weights, target_fingerprint
 from trainer.vocab import build_vocab
@@ -88,11 +89,12 @@ def train(config: TrainConfig) -> TrainResult:
                                         disable=not (config.progress and run.world.is_main)) as bar:
         while loop.step < end:
             waited = loader.wait_seconds
-            batch = next(loader).to(run.device)
-            out = train_step(run.model, run.head, batch, run.optimizer, run.scheduler, config, run.world)
-            loop.step, loop.tokens = loop.step + 1, loop.tokens + batch.tokens
+            batches = [b.to(run.device) for b in next(loader)]
+            out = train_step(run.model, run.head, batches, run.optimizer, run.scheduler, config, run.world)
+            tokens = sum(b.tokens for b in batches)
+            loop.step, loop.tokens = loop.step + 1, loop.tokens + tokens
             result.losses.append(out["loss"])
-            meter.add(out, batch, data_wait=loader.wait_seconds - waited)
+            meter.add(out, tokens, data_wait=loader.wait_seconds - waited)
             bar.update()
             if loop.step % config.log_every == 0 or loop.step == end:
                 record = metrics.write({"step": loop.step, "split": "train", **meter.summary()})
@@ -135,6 +137,8 @@ def setup(config: TrainConfig) -> Run:
     model = Eagle3Draft(arch)
     model.init_from_target(weights, vocab)
     model.to(device)
+    if config.distributed.strategy == "fsdp" and world.size > 1:
+        shard_draft(model, world)
     head = TargetHead(weights, eps=target_arch.rms_norm_eps,
                       pre_norm=ds.header.last_hidden_state == "pre_norm").to(device)
     optimizer, scheduler = build_optimizer(model, config.optim, total_steps=config.steps)
@@ -143,7 +147,9 @@ def setup(config: TrainConfig) -> Run:
     loader = PackedLoader(ds, config.data, seed=config.seed, exclude=held_out, rank=world.rank,
                           world_size=world.size, pin_memory=device.type == "cuda")
     loop = LoopState()
-    components = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+    components = {"model": ShardedModelState(model) if world.sharded else model,
+                  "optimizer": ShardedOptimizerState(model, optimizer) if world.sharded else optimizer,
+                  "scheduler": scheduler,
                   "data": RankedLoaderState(loader, world), "rng": RNGState(), "loop": loop}
     log.info("%s: draft of %d trainable params, draft vocab %d, %d train / %d held-out samples, "
              "%d rank(s) on %s", config.out, sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -176,22 +182,29 @@ def save(run: Run) -> Path:
     return path
 
 
-def train_step(model: Eagle3Draft, head: TargetHead, batch: Batch, optimizer: torch.optim.Optimizer,
+def train_step(model: Eagle3Draft, head: TargetHead, batches: list[Batch], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig,
                world: World = World()) -> dict[str, Any]:
-    """One optimizer step on one batch (already on the device). No I/O."""
+    """One optimizer step on this rank's micro-batches (already on the device). No I/O.
+
+    grad = mean over ranks of the mean over micro-batches of each one's loss gradient; the
+    1/m is applied to each loss before backward (a power of two scales exactly)."""
     model.train()
     lr = scheduler.get_last_lr()[0]
-    with _autocast(batch.input_ids.device):
-        out = ttt_loss(model, head, batch, config.ttt)
-    out.loss.backward()
+    outs = []
+    for batch in batches:
+        with _autocast(batch.input_ids.device):
+            out = ttt_loss(model, head, batch, config.ttt)
+        (out.loss / len(batches)).backward()
+        outs.append(out)
     params = [p for p in model.parameters() if p.requires_grad]
     world.average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or math.inf)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": out.loss.item(), "out": out, "lr": lr, "grad_norm": float(grad_norm)}
+    out = merge(outs)
+    return {"loss": out.loss.item(), "out": out, "lr": lr, "grad_norm": float(_full(grad_norm))}
 
 
 @torch.no_grad()
@@ -204,7 +217,7 @@ def evaluate(model: Eagle3Draft, head: TargetHead, batches: Iterator[Batch], con
         batch = batch.to(device)
         with _autocast(device):
             out = ttt_loss(model, head, batch, config)
-        meter.add({"out": out}, batch)
+        meter.add({"out": out}, batch.tokens)
     return meter.summary(train=False)
 
 
@@ -256,13 +269,13 @@ class Meter:
         self.grad_norm = self.lr = 0.0
         self.started = time.perf_counter()
 
-    def add(self, step: dict[str, Any], batch: Batch, data_wait: float = 0.0) -> None:
+    def add(self, step: dict[str, Any], tokens: int, data_wait: float = 0.0) -> None:
         out: TTTOutput = step["out"]
         counted = out.counted.double().cpu()
         self.ce_sum += out.step_loss.double().cpu() * counted
         self.correct += out.correct.double().cpu()
         self.counted += counted
-        self.tokens += batch.tokens
+        self.tokens += tokens
         self.data_wait += data_wait
         if "loss" in step:
             self.losses.append(step["loss"])
@@ -364,6 +377,11 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value as a whole tensor; a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _check_data_fits_target(ds: Dataset, target: TargetArch, config: TrainConfig) -> None:
     header = ds.header
     for what, data_value, target_value in (("hidden_size", header.hidden_size, target.hidden_size),
@@ -394,8 +412,9 @@ def _run_meta(config: TrainConfig, ds: Dataset, arch: DraftArch, world: World) -
 
 
 def _check_ranks_agree(run: Run) -> None:
-    """Ranks apply the same averaged update, so their weights must be equal; check before saving."""
-    if run.world.size == 1:
+    """Ranks apply the same averaged update, so their weights must be equal; check before saving
+    (sharded ranks hold different shards: nothing to compare)."""
+    if run.world.size == 1 or run.world.sharded:
         return
     with torch.no_grad():
         digest = float(sum(p.double().abs().sum() for p in run.model.parameters()))

@@ -19,7 +19,7 @@ def test_an_epoch_covers_every_training_sample_once_within_the_budget(synth_data
     assert len(order) == len(ds) - 5 and not set(order) & set(held_out.tolist())
     total = 0
     while True:
-        batch = next(loader)
+        (batch,) = next(loader)
         assert batch.tokens <= 160 and batch.input_ids.shape == batch.doc_ids.shape
         assert int(batch.doc_ids.max()) + 1 == batch.samples
         total += batch.tokens
@@ -38,24 +38,39 @@ def test_a_restored_position_yields_the_same_batches(synth_data):
     for _ in range(5):
         next(first)
     state = first.state_dict()
-    expected = [next(first) for _ in range(12)]  # crosses into the next epoch
+    expected = [next(first)[0] for _ in range(12)]  # crosses into the next epoch
     first.close()
     second = PackedLoader(Dataset(synth_data), config, seed=0, exclude=none)
     second.load_state_dict(state)
     for want in expected:
-        got = next(second)
+        (got,) = next(second)
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.aux_hidden_states, want.aux_hidden_states)
         assert got.after == want.after
     second.close()
     assert expected[-1].after.epoch >= 1
 
 
-def test_ranks_read_disjoint_samples(synth_data):
+def _sample_ids(batches) -> list[list[int]]:
+    return [b.input_ids[0].tolist() for b in batches]
+
+
+def test_ranks_split_each_step_so_their_union_is_the_single_rank_step(synth_data):
+    """2 ranks x 1 micro-batch see exactly what 1 rank x 2 micro-batches sees, step by step,
+    across an epoch boundary, and all agree on the position."""
     ds = Dataset(synth_data)
-    config = DataConfig(path=synth_data, token_budget=128)
-    orders = [PackedLoader(ds, config, seed=0, exclude=np.zeros(0, dtype=np.int64), rank=r, world_size=2)
-              .epoch_order(0) for r in (0, 1)]
-    assert len(orders[0]) == len(orders[1]) and not set(orders[0]) & set(orders[1])
+    none = np.zeros(0, dtype=np.int64)
+    one = PackedLoader(ds, DataConfig(path=synth_data, token_budget=128, micro_batches=2), seed=0, exclude=none)
+    ranks = [PackedLoader(ds, DataConfig(path=synth_data, token_budget=128), seed=0, exclude=none, rank=r,
+                          world_size=2) for r in (0, 1)]
+    for _ in range(12):  # > one epoch (40 samples of ~40 tokens, ~3 per micro-batch)
+        whole = next(one)
+        parts = [next(loader) for loader in ranks]
+        assert len(whole) == 2 and [len(p) for p in parts] == [1, 1]
+        assert _sample_ids(whole) == _sample_ids(parts[0]) + _sample_ids(parts[1])
+        assert one.state_dict() == ranks[0].state_dict() == ranks[1].state_dict()
+    assert one.state_dict()["epoch"] >= 1
+    for loader in (one, *ranks):
+        loader.close()
 
 
 def test_too_many_held_out_samples_is_refused(synth_data):
