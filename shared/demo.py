@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +48,7 @@ def run_demo(config: DemoConfig) -> int:
     started = time.monotonic()
     steps: list[tuple[str, float]] = []
 
-    def step(title: str, *args: str, done: Path | None = None) -> str:
+    def step(title: str, *args: str, done: Path | None = None, env: dict[str, str] | None = None) -> str:
         n = len(steps) + 1
         if done is not None and done.exists():
             log.info("demo step %d: %s (done already: %s)", n, title, done)
@@ -52,7 +57,7 @@ def run_demo(config: DemoConfig) -> int:
         log.info("demo step %d: %s", n, title)
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "shared.cli", *args], check=True,
-                             stdout=subprocess.PIPE, text=True).stdout
+                             stdout=subprocess.PIPE, text=True, env=env).stdout
         steps.append((title, time.monotonic() - t0))
         sys.stdout.write(out)
         return out
@@ -63,9 +68,13 @@ def run_demo(config: DemoConfig) -> int:
     step(f"take {config.samples} real chats from the chitchat-dataset package", "factory", "prompts",
          "--source", "chitchat", "--n", str(config.samples), "--out", str(train_prompts), done=train_prompts)
     data, run, draft, evaluation = w / "data", w / "train", w / "draft", w / "eval"
-    step("factory: resample the answers on vLLM, capture hidden states, write shards", "factory", "run",
-         "--model", model, "--prompts", str(train_prompts), "--out", str(data),
-         "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens))
+    # The factory job goes through the REST job service, as users submit jobs: the service (data
+    # root = this workdir, so data/ is inside it) hands the job to Ray and `submit --wait` follows it.
+    with JobService(workdir=w, input_roots=(Path(model).parent,)) as service:
+        step("factory (via the job service): resample the answers on vLLM, capture hidden states, write shards",
+             "submit", "--url", service.url, "--wait", "--model", model, "--prompts", str(train_prompts),
+             "--out", str(data), "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens),
+             env=service.client_env)
     step("verify the shards", "shards", "verify", str(data))
     step(f"train the EAGLE-3 draft ({config.steps} steps)", "train", "--data", str(data), "--target", model,
          "--out", str(run), "--steps", str(config.steps), "--set", f"data.token_budget={config.token_budget}",
@@ -79,6 +88,58 @@ def run_demo(config: DemoConfig) -> int:
 
     print(report(json.loads((evaluation / "eval.json").read_text()), steps, time.monotonic() - started, w))
     return 0
+
+
+class JobService:
+    """`specmill serve` on a free loopback port with a fresh token, for as long as a `with` block
+    lasts; stopping it (SIGTERM) also stops the Ray cluster it started."""
+
+    def __init__(self, *, workdir: Path, input_roots: tuple[Path, ...], start_timeout_s: float = 120.0):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        token = secrets.token_urlsafe(24)
+        # The token goes through the environment: a command line is visible to every user in `ps`.
+        self.client_env = {**os.environ, "SPECMILL_API_TOKEN": token}
+        self._env = {**os.environ, "SPECMILL_API_TOKENS": f"demo={token}"}
+        self.workdir, self.input_roots, self.start_timeout_s = workdir, input_roots, start_timeout_s
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> JobService:
+        argv = [sys.executable, "-m", "shared.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-root", str(self.workdir), "--log-level", "warning"]
+        for root in self.input_roots:
+            argv += ["--input-root", str(root)]
+        log_path = self.workdir / "service.log"
+        with open(log_path, "ab") as out:
+            self._proc = subprocess.Popen(argv, env=self._env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        log.info("job service at %s (log %s)", self.url, log_path)
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._healthy():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"the job service did not start; see {log_path}")
+            time.sleep(0.3)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
 
 
 def report(results: dict, steps: list[tuple[str, float]], seconds: float, workdir: Path) -> str:
