@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,3 +112,5 @@ class RayNode:
                 except ProcessLookupError:
                     pass
             time.sleep(0.2)
+        if not self.pids():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # logs, sockets, spilled objects
