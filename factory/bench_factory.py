@@ -7,7 +7,8 @@ up locally (no download).
 
 Resampler vs plain load generator (`passes` rounds, the order rotating from round to round
 so that a change of load on a shared machine hits every mode alike; first one untimed
-warm-up round on other prompts, and the timed prompts put in the server's prefix cache):
+warm-up round on other prompts, then the timed prompts, short, at the widest concurrency:
+prefix cache filled and every batch size seen once):
 - resampler: `factory.resample.ResampleStage` on all prompts at once, as the pipeline runs
   it (its own server pool and `servers.concurrency` slots, `return_token_ids`, retries),
   outcomes out: rendered rows with loss masks;
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -86,11 +88,11 @@ class BenchFactoryConfig:
     server_url: str | None = None  # None: start a vLLM server with the job's default engine flags
     samples: int = 64  # prompts timed per mode and pass
     warmup: int = 8  # other prompts, every mode once, untimed
-    max_tokens: int = 96
+    max_tokens: int = 64
     temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)  # the job default's mix
     top_p: float = 1.0
     concurrency: int = 32  # requests in flight (servers.concurrency, the job default)
-    passes: int = 3  # one per mode, so that each goes first once
+    passes: int = 6  # a multiple of the 3 modes, so that each goes first as often as the others
     max_length: int = 1024  # render cap and the started server's --max-model-len
     seed: int = 0
     stages: bool = True  # time each stage alone
@@ -124,15 +126,19 @@ class BenchFactoryConfig:
 def summarize(config: BenchFactoryConfig, *, model: str, data: dict[str, Any], timed: dict[str, dict[str, float]],
               stages: dict[str, dict[str, float]], end_to_end: dict[str, Any] | None,
               machine: dict[str, Any]) -> dict[str, Any]:
-    """The figures: `timed[mode] = {tokens, seconds, requests}` summed over the passes;
-    `stages[name] = {samples, tokens, seconds}`."""
+    """The figures: `timed[mode] = {tokens, seconds, requests}` summed over the passes, and
+    `pass_tokens_per_s` (one rate per pass); `stages[name] = {samples, tokens, seconds}`."""
     results = [{"mode": mode, "requests": int(t["requests"]), "generated_tokens": int(t["tokens"]),
                 "seconds": t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],
+                "pass_tokens_per_s": list(t["pass_tokens_per_s"]),
                 "concurrency": config.concurrency * (2 if mode == "plain_2x" else 1), "passes": config.passes}
                for mode, t in timed.items()]
     rate = {r["mode"]: r["tokens_per_s"] for r in results}
     value = rate["resampler"] / rate["plain"]
-    ratios = {"resampler_vs_plain": value}
+    # Within a pass the modes run back to back, so a pass's ratio is spared the slow drifts of a
+    # shared machine's load; their spread says how far to trust the overall one.
+    per_pass = [a / b for a, b in zip(timed["resampler"]["pass_tokens_per_s"], timed["plain"]["pass_tokens_per_s"])]
+    ratios: dict[str, Any] = {"resampler_vs_plain": value, "resampler_vs_plain_per_pass": per_pass}
     if "plain_2x" in rate:
         ratios["plain_2x_vs_plain"] = rate["plain_2x"] / rate["plain"]
     stage_rows = {name: {**s, "samples_per_s": s["samples"] / s["seconds"], "tokens_per_s": s["tokens"] / s["seconds"]}
@@ -167,12 +173,16 @@ def format_report(figures: dict[str, Any]) -> str:
              f"({data['prompt_tokens']} prompt tokens), max_tokens {cfg['max_tokens']}, temperatures "
              f"{list(cfg['temperatures'])}, {cfg['passes']} timed pass(es) per mode", "", header, "-" * len(header)]
     verdict = figures["verdict"]["resampler_vs_plain"]
+    per_pass = figures["ratios"]["resampler_vs_plain_per_pass"]
     for r in figures["results"]:
         goal = status = ""
         if r["mode"] == "resampler":
             goal, status = f">= {verdict['goal']:.2f}", "PASS" if verdict["pass"] else "FAIL"
         lines.append(f"{_LABELS[r['mode']]:<40} {r['concurrency']:>5} {r['generated_tokens']:>8} "
                      f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / plain:>8.2f}  {goal:>7}  {status}")
+    if per_pass:
+        lines.append(f"resampler / plain pass by pass: {', '.join(f'{v:.2f}' for v in per_pass)} (median "
+                     f"{statistics.median(per_pass):.2f})")
     if figures["stages"]:
         header = f"{'stage, alone':<40} {'samples':>7} {'samples/s':>10} {'tokens/s':>10}"
         lines += ["", header, "-" * len(header)]
@@ -326,7 +336,8 @@ async def _compare(config: BenchFactoryConfig, frontend: Any, sampling: Any, url
     servers = ServersConfig(urls=(url,), concurrency=config.concurrency)
     stage = ResampleStage(frontend=frontend, render=RenderConfig(max_length=config.max_length), sampling=sampling,
                           servers=servers, urls=[url], model_name=model_name)
-    timed = {mode: {"tokens": 0.0, "seconds": 0.0, "requests": 0.0} for mode in MODES}
+    timed: dict[str, dict[str, Any]] = {mode: {"tokens": 0, "seconds": 0.0, "requests": 0, "pass_tokens_per_s": []}
+                                        for mode in MODES}
     outcomes: list[Any] = []
     slots = 2 * config.concurrency
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0),
@@ -348,14 +359,18 @@ async def _compare(config: BenchFactoryConfig, frontend: Any, sampling: Any, url
         try:
             for mode in MODES:
                 await run(mode, warm)
-            # The timed prompts into the server's prefix cache, so the mode that goes first in
-            # the first round does not pay for prefill that the others are spared.
-            await plain_load(client, name, requests, max_tokens=1, top_p=config.top_p, concurrency=config.concurrency)
+            # The timed prompts into the server's prefix cache, and the server through every batch
+            # size the timed rounds reach (on CPU a batch of a new size is slow the first time), so
+            # that the mode going first in the first round pays for nothing the others are spared.
+            await plain_load(client, name, requests, max_tokens=min(16, config.max_tokens), top_p=config.top_p,
+                             concurrency=2 * config.concurrency)
             for k in range(config.passes):
                 for mode in MODES[k % 3:] + MODES[:k % 3]:  # rotate which goes first
                     start = time.perf_counter()
                     tokens = await run(mode, requests)
-                    timed[mode]["seconds"] += time.perf_counter() - start
+                    seconds = time.perf_counter() - start
+                    timed[mode]["seconds"] += seconds
+                    timed[mode]["pass_tokens_per_s"].append(tokens / seconds)
                     timed[mode]["tokens"] += tokens
                     timed[mode]["requests"] += len(requests)
                 log.info("pass %d/%d timed: %s", k + 1, config.passes,

@@ -39,9 +39,10 @@ def test_bad_bench_settings_are_refused_naming_the_field():
 
 
 def made_up_figures(config: BenchFactoryConfig, resampler_s: float) -> dict:
-    timed = {"resampler": {"tokens": 4000, "seconds": resampler_s, "requests": 64},
-             "plain": {"tokens": 4100, "seconds": 20.0, "requests": 64},
-             "plain_2x": {"tokens": 4050, "seconds": 19.0, "requests": 64}}
+    timed = {"resampler": {"tokens": 4000, "seconds": resampler_s, "requests": 64,
+                           "pass_tokens_per_s": [2000 / (resampler_s - 9), 2000 / 9]},
+             "plain": {"tokens": 4100, "seconds": 20.0, "requests": 64, "pass_tokens_per_s": [2050 / 11, 2050 / 9]},
+             "plain_2x": {"tokens": 4050, "seconds": 19.0, "requests": 64, "pass_tokens_per_s": [200.0, 220.0]}}
     stages = {"read": {"samples": 32, "tokens": 1500, "seconds": 0.01},
               "resample": {"samples": 64, "tokens": 4000, "seconds": resampler_s},
               "render": {"samples": 32, "tokens": 9000, "seconds": 0.5},
@@ -70,6 +71,8 @@ def test_verdict_is_the_ratio_of_generated_tokens_per_second_to_the_plain_client
     assert v["value"] == pytest.approx(rate["resampler"] / rate["plain"]) and v["goal"] == 0.95
     assert v["pass"] == (v["value"] >= 0.95) and v["pass"] == (resampler_s == 20.0)
     assert figures["ratios"]["plain_2x_vs_plain"] == pytest.approx(rate["plain_2x"] / rate["plain"])
+    assert figures["ratios"]["resampler_vs_plain_per_pass"] == pytest.approx(
+        [(2000 / (resampler_s - 9)) / (2050 / 11), 2000 / 2050])
     assert [r["concurrency"] for r in figures["results"]] == [32, 32, 64]
     assert figures["ratios"]["slowest_stage"] == "capture"
     capture = figures["stages"]["capture"]
@@ -77,6 +80,7 @@ def test_verdict_is_the_ratio_of_generated_tokens_per_second_to_the_plain_client
     report = format_report(figures)
     assert ("PASS" in report) == v["pass"] and ("FAIL" in report) != v["pass"]
     assert "slowest stage: capture" in report and "end-to-end job (32 samples" in report
+    assert "pass by pass: " in report
     again = json.loads(json.dumps(figures))  # what --json writes
     assert again["verdict"] == figures["verdict"] and set(again["stages"]) == {"read", "resample", "render",
                                                                                 "capture", "write"}
