@@ -62,9 +62,10 @@ def bench_service(root: Path, *, jobs: int, polls: int) -> dict[str, Any]:
     token = secrets.token_urlsafe(24)
     port = free_port()
     env = {**os.environ, "SPECMILL_API_TOKENS": f"bench={token}"}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--data-root", str(root), "--max-concurrent-jobs", "0", "--log-level", "warning"],
-                            env=env, start_new_session=True)
+    with open(root / "serve.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "serve", "--host", "127.0.0.1", "--port",
+                                 str(port), "--data-root", str(root), "--max-concurrent-jobs", "0", "--log-level",
+                                 "warning"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_up(url, proc)
@@ -106,6 +107,8 @@ async def _measure(url: str, token: str, jobs: int, polls: int) -> dict[str, Any
                 errors.append(f"{kind}: {response.status_code} {response.text[:200]}")
             return response
 
+        # Warm-up (connections opened, server threads started), then the baseline on warm connections.
+        await asyncio.gather(*(client.get("/healthz") for _ in range(jobs)))
         await asyncio.gather(*(timed("baseline_healthz", "GET", "/healthz") for _ in range(jobs)))
 
         async def client_run(i: int) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.service.settings import TOKENS_ENV
 from shared.vllm_launch import free_port
 
 log = logging.getLogger("specmill.service.ray")
@@ -101,7 +102,8 @@ class LocalRayCluster:
         if self.num_cpus is not None:
             argv.append(f"--num-cpus={self.num_cpus}")
         log_path = self.state_dir / "ray-start.log"
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        # Job drivers inherit the cluster's environment: the service's API tokens stay out of it.
+        env = {k: v for k, v in os.environ.items() if k != TOKENS_ENV} | {"RAY_AUTH_MODE": "token"}
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
