@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from factory.service.dispatcher import Dispatcher
 from factory.service.ray_runner import LocalRayCluster, RayJobs
 from factory.service.schemas import ErrorDetail, Health, JobCreate, JobList, JobPublic, JobState, QuarantinePage
-from factory.service.settings import ApiToken, ServiceSettings
+from factory.service.settings import ApiToken, ServiceSettings, SettingsError
 from factory.service.specs import SpecError, resolve_spec
 from factory.service.store import JobRow, JobStore, OutDirInUse, new_job_id
 
@@ -45,6 +45,7 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = _single_service_lock(settings) if ray.local is not None else None
         logging.getLogger("httpx").setLevel(logging.WARNING)  # the Ray client's polls: not a line each
         store = JobStore(settings.db_url)
         dispatcher = Dispatcher(settings, store, ray)
@@ -58,6 +59,8 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
         if ray.local is not None and not store.active():
             ray.local.stop()
         store.close()
+        if lock is not None:
+            lock.close()
 
     app = FastAPI(title="specmill job service", version="1", lifespan=lifespan,
                   description="Submit, watch and cancel specmill factory jobs; they run on Ray.")
@@ -66,6 +69,21 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
     _routes(app, settings)
     return app
+
+
+def _single_service_lock(settings: ServiceSettings) -> Any:
+    """One service per data root when it runs its own Ray cluster: a second one would follow the
+    same jobs on the same cluster. The lock goes with the process, however it ends."""
+    import fcntl
+
+    handle = open(settings.state_dir / "service.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SettingsError(f"another specmill service runs on {settings.data_root}; stop it first "
+                            f"(several replicas need PostgreSQL and a shared Ray cluster, --ray-address)") from None
+    return handle
 
 
 # --------------------------------------------------------------------------- dependencies

@@ -90,6 +90,11 @@ class ServiceSettings:
         for name in ("max_samples_limit", "max_tokens_limit"):
             if (v := getattr(self, name)) is not None and v < 1:
                 raise SettingsError(f"{name} must be positive or left out, got {v}")
+        if self.db is not None and self.db.startswith("postgres") and self.ray_address is None:
+            # Each replica would start a cluster of its own, and one replica would take another's
+            # job for lost (unknown to its cluster) and run it again.
+            raise SettingsError("a PostgreSQL db is for several replicas, which must share one Ray cluster: "
+                                "give ray_address (--ray-address http://head:8265)")
         if self.ray_address is not None and not self.ray_address.startswith(("http://", "https://")):
             raise SettingsError(f"ray_address must be the Ray dashboard's URL (http://head:8265), got "
                                 f"{self.ray_address!r}")

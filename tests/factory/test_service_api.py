@@ -232,6 +232,15 @@ def test_jobs_survive_a_restart_of_the_service(env):
     assert again["state"] == "queued" and again["id"] == job["id"] and again["out"] == job["out"]
 
 
+def test_a_second_service_on_the_same_data_root_is_refused(env):
+    with TestClient(create_app(make_settings(env))):
+        with pytest.raises(SettingsError, match="another specmill service runs"):
+            with TestClient(create_app(make_settings(env))):
+                pass
+    with TestClient(create_app(make_settings(env))) as c:  # free again once the first stopped
+        assert c.get("/healthz").status_code == 200
+
+
 def test_health_and_metrics_report_jobs_by_state(client, env):
     submit(client, env)
     health = client.get("/healthz").json()

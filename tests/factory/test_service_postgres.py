@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from factory.service.app import create_app
-from factory.service.settings import ApiToken, ServiceSettings
+from factory.service.settings import ApiToken, ServiceSettings, SettingsError
 from factory.service.store import JobStore
 from shared.vllm_launch import free_port
 
@@ -67,6 +67,11 @@ def fresh_db(pg_url) -> str:
     return pg_url
 
 
+def test_postgresql_without_a_shared_ray_cluster_is_refused(fresh_db, tmp_path):
+    with pytest.raises(SettingsError, match="must share one Ray cluster"):
+        ServiceSettings(data_root=tmp_path, db=fresh_db, tokens=(ApiToken(name="pg", token=TOKEN),))
+
+
 def test_two_replicas_claiming_at_once_never_run_more_than_the_limit(fresh_db):
     replicas = [JobStore(fresh_db), JobStore(fresh_db)]
     for i in range(6):
@@ -109,8 +114,9 @@ def test_the_service_on_postgres_keeps_jobs_and_idempotency_across_restarts(fres
     headers = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "k1"}
 
     def settings() -> ServiceSettings:
+        # Dispatch paused: the (shared) Ray cluster every replica must name is never called here.
         return ServiceSettings(data_root=tmp_path, db=fresh_db, tokens=(ApiToken(name="pg", token=TOKEN),),
-                               max_concurrent_jobs=0)
+                               max_concurrent_jobs=0, ray_address="http://127.0.0.1:9")
 
     with TestClient(create_app(settings())) as c:
         first = c.post("/v1/jobs", json=spec, headers=headers)
