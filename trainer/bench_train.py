@@ -126,7 +126,7 @@ def _measure_loop(train_config, warmup: int) -> dict[str, float]:
     tokens = sum(r["tokens"] for r in measured)
     waited = sum(r["data_wait"] * r["seconds"] for r in measured)
     return {"steps": len(measured), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "data_wait_fraction": waited / seconds}
+            "data_wait_fraction": waited / seconds, "step_seconds": [r["seconds"] for r in measured]}
 
 
 def _measure_compute(train_config, warmup: int) -> dict[str, float]:
@@ -136,15 +136,17 @@ def _measure_compute(train_config, warmup: int) -> dict[str, float]:
     run = setup(train_config)
     steps = [[b.to(run.device) for b in next(run.loader)] for _ in range(train_config.steps)]
     run.loader.close()
-    seconds, tokens = 0.0, 0
+    step_seconds, tokens = [], 0
     for i, batches in enumerate(steps):
         start = time.perf_counter()
         train_step(run.model, run.head, batches, run.optimizer, run.scheduler, train_config, run.world)
         _sync(run.device)
         if i >= warmup:
-            seconds += time.perf_counter() - start
+            step_seconds.append(time.perf_counter() - start)
             tokens += sum(b.tokens for b in batches)
-    return {"steps": len(steps) - warmup, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    seconds = sum(step_seconds)
+    return {"steps": len(step_seconds), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "step_seconds": step_seconds}
 
 
 _MEASURE = {"loop": _measure_loop, "compute": _measure_compute}
