@@ -250,8 +250,14 @@ def _kill_worker_when(proc: subprocess.Popen, out: Path, actor: str, ready, time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / "manifest.json").exists() and ready(load_manifest(out)):
+            # Only this job's worker: Ray's workers stay in the driver's session, and other
+            # Ray clusters on the machine (other tests, other users) have actors of the same name.
             for p in psutil.process_iter(["cmdline"]):
-                if any(f"ray::{actor}" in part for part in (p.info["cmdline"] or [])):
+                try:
+                    ours = os.getsid(p.pid) == proc.pid
+                except (ProcessLookupError, PermissionError):
+                    continue
+                if ours and any(f"ray::{actor}" in part for part in (p.info["cmdline"] or [])):
                     p.send_signal(signal.SIGKILL)
                     return True
         time.sleep(0.05)
