@@ -25,8 +25,8 @@ from shared.shards import Dataset, verify
 from shared.vllm_launch import free_port
 
 TOKEN = "lifecycle-token-0123456789"
-ROWS = 24  # input rows each job covers (max_samples)
-SMALL = {"output": {"commit_every": 2}, "ray": {"batch_size": 2, "capture_batch": 2, "max_in_flight": 4}}
+ROWS = 32  # input rows each job covers (max_samples)
+SMALL = {"output": {"commit_every": 1}, "ray": {"batch_size": 1, "capture_batch": 1, "max_in_flight": 2}}
 
 
 class Service:
@@ -86,6 +86,20 @@ class Service:
             time.sleep(0.5)
         raise AssertionError(f"timed out waiting on job {job_id}: {self.job(job_id)}\n"
                              f"{self.log.read_text()[-3000:]}")
+
+
+def mid_run(out: Path, timeout: float = 400) -> None:
+    """Return as soon as the job has committed samples but is not complete (polls the manifest
+    every 50 ms: the job's progress reaches the API only every 2 s, too late to catch it running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "manifest.json").exists():
+            manifest = load_manifest(out)
+            assert not manifest.complete, "the job ended before it could be interrupted"
+            if manifest.rows > 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no samples committed in {out} within {timeout} s")
 
 
 def ended(job: dict) -> bool:
@@ -155,7 +169,7 @@ def test_a_submitted_job_runs_on_ray_to_succeeded_with_progress_manifest_and_qua
 def test_a_service_killed_mid_job_finds_the_job_still_running_and_it_finishes_exactly_once(
         service, smollm_dir, reference):
     job = service.submit(**job_spec(service, smollm_dir, "restart"))
-    service.wait(job["id"], lambda j: j["samples_written"] > 0 or ended(j))
+    mid_run(Path(job["out"]))
     service.kill()  # SIGKILL: no shutdown, the cluster and the job's driver keep running
     service.start()
     done = service.wait(job["id"], ended)
@@ -165,12 +179,12 @@ def test_a_service_killed_mid_job_finds_the_job_still_running_and_it_finishes_ex
 
 def test_a_job_whose_ray_cluster_died_is_resumed_as_a_new_attempt_exactly_once(service, smollm_dir, reference):
     job = service.submit(**job_spec(service, smollm_dir, "cluster-lost"))
-    service.wait(job["id"], lambda j: j["samples_written"] > 0 or ended(j))
+    mid_run(Path(job["out"]))
     service.kill()
     cluster = json.loads((service.root / ".specmill" / "ray" / "cluster.json").read_text())
     os.killpg(cluster["pid"], signal.SIGKILL)  # the cluster and the job's driver die with it
-    first = load_manifest(Path(job["out"]))
-    assert not first.complete
+    time.sleep(1)  # the driver notices its cluster is gone
+    assert not load_manifest(Path(job["out"])).complete
     service.start()
     done = service.wait(job["id"], ended)
     assert done["state"] == "succeeded" and done["attempts"] == 2, done
@@ -178,7 +192,7 @@ def test_a_job_whose_ray_cluster_died_is_resumed_as_a_new_attempt_exactly_once(s
 
 
 def test_cancelling_a_running_job_stops_it_and_the_next_queued_job_starts(service, smollm_dir, reference):
-    first = service.submit(**job_spec(service, smollm_dir, "cancelled"))
+    first = service.submit(**job_spec(service, smollm_dir, "cancelled", max_samples=40))
     second = service.submit(**job_spec(service, smollm_dir, "after-cancel", max_samples=4))
     service.wait(first["id"], lambda j: j["state"] == "running" or ended(j))
     assert service.job(second["id"])["state"] == "queued"  # one job at a time by default
