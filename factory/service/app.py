@@ -46,7 +46,7 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         lock = _single_service_lock(settings) if ray.local is not None else None
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # the Ray client's polls: not a line each
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # the Ray start-up probe: not a line per try
         store = JobStore(settings.db_url)
         dispatcher = Dispatcher(settings, store, ray)
         app.state.store, app.state.dispatcher = store, dispatcher

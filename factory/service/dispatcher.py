@@ -107,9 +107,6 @@ class Dispatcher:
         elif job.cancel_requested:
             self.ray.stop(job.submission_id)
 
-    def running_jobs(self) -> int:
-        return len(self.store.active())
-
 
 def _report(out_dir: Path) -> dict[str, Any] | None:
     from shared.manifest import ManifestError, load_manifest
