@@ -152,8 +152,7 @@ def parse_spec_metrics(text: str) -> dict[str, Any]:
 
 
 def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -> WayRun:
-    args = ["--dtype", config.dtype, "--enforce-eager", "--max-model-len", str(config.max_model_len),
-            "--served-model-name", "target"]
+    args = ["--dtype", config.dtype, "--enforce-eager", "--max-model-len", str(config.max_model_len)]
     if (spec := speculative_config(way, config.draft, config.k)) is not None:
         args += ["--speculative-config", json.dumps(spec)]
     engine = VllmEngine(config.target, args, log_path=config.out / f"vllm-{way}.log",
@@ -161,11 +160,12 @@ def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -
     import httpx
 
     with engine, httpx.Client(base_url=engine.base_url, timeout=config.request_timeout_s) as client:
-        _chat(client, _WARMUP, 8)  # the first request pays one-off costs that would skew tokens/s
+        served = str(engine.model)  # the launcher serves the model under its path
+        _chat(client, served, _WARMUP, 8)  # the first request pays one-off costs that would skew tokens/s
         before = parse_spec_metrics(client.get("/metrics").text)
         started = time.perf_counter()
         with ThreadPoolExecutor(config.concurrency) as pool:
-            answers = list(pool.map(lambda messages: _chat(client, messages, config.max_tokens), prompts))
+            answers = list(pool.map(lambda messages: _chat(client, served, messages, config.max_tokens), prompts))
         seconds = time.perf_counter() - started
         after = parse_spec_metrics(client.get("/metrics").text)
     positions = sorted(set(after["per_pos"]) | set(before["per_pos"]))
@@ -177,8 +177,8 @@ def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -
                                     for p in positions})
 
 
-def _chat(client: Any, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
-    response = client.post("/v1/chat/completions", json={"model": "target", "messages": messages,
+def _chat(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
+    response = client.post("/v1/chat/completions", json={"model": model, "messages": messages,
                                                           "temperature": 0.0, "max_tokens": max_tokens})
     if response.status_code != 200:
         raise RuntimeError(f"vLLM answered {response.status_code} to a chat request: {response.text[:500]}")
