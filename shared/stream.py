@@ -197,8 +197,8 @@ class BufferPool:
             if buffer is not None:
                 self._free.remove(buffer)
                 self._free_bytes -= len(buffer)
-        if buffer is None:  # one common size for every request up to a stream's max_request
-            buffer = mmap.mmap(-1, max(-(-nbytes // _POOL_GRAIN) * _POOL_GRAIN, _POOL_MIN))
+        if buffer is None:
+            buffer = mmap.mmap(-1, _pool_size(nbytes))
         array = np.frombuffer(buffer, dtype=np.uint8)
         weakref.finalize(array, self._release, buffer)
         return array
@@ -210,8 +210,13 @@ class BufferPool:
                 self._free_bytes += len(buffer)
 
 
-_POOL_GRAIN = 1 << 20
 _POOL_MIN = (16 << 20) + 2 * DIRECT_ALIGN  # a default max_request, aligned at both ends
+
+
+def _pool_size(nbytes: int) -> int:
+    """Few distinct sizes, so that buffers get reused: one for every request up to the
+    default max_request, powers of two above (a single sample larger than that)."""
+    return _POOL_MIN if nbytes <= _POOL_MIN else 1 << (nbytes - 1).bit_length()
 POOL = BufferPool()
 
 

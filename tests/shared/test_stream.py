@@ -167,3 +167,23 @@ def test_residency_sees_an_evicted_file_as_not_cached(ds_dir):
     assert first_sample_cached()
     _evict(ds_dir)  # (pages mapped by a live Dataset could not be evicted: none is alive here)
     assert not first_sample_cached()
+
+
+def test_buffer_pool_hands_a_freed_buffer_out_again_and_keeps_a_bounded_amount():
+    from shared.stream import BufferPool
+
+    pool = BufferPool(keep_bytes=40 << 20)
+    first = pool.acquire(3 << 20)
+    address = first.ctypes.data
+    assert address % 4096 == 0, "O_DIRECT needs page-aligned buffers"
+    view = torch.frombuffer(memoryview(first), dtype=torch.uint8)  # a tensor keeps it in use
+    del first
+    other = pool.acquire(1 << 20)
+    assert other.ctypes.data != address
+    del view  # the last user is gone: the buffer goes back to the pool
+    again = pool.acquire(5 << 20)
+    assert again.ctypes.data == address
+    big = [pool.acquire(20 << 20) for _ in range(3)]  # 32 MiB buffers, one size for all three
+    assert {len(b) for b in big} == {32 << 20}
+    del big, again, other
+    assert pool._free_bytes <= 40 << 20
