@@ -247,15 +247,28 @@ def aux_layer_ids(draft_dir: Path, num_layers: int) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def load_target_model(path: Path, dtype: torch.dtype) -> Any:
+    """The class the target's config.json names (LlamaForCausalLM, Qwen2VLForConditionalGeneration,
+    Qwen2AudioForConditionalGeneration, ...), so VLM and audio targets load as what they are and
+    decode from token ids; AutoModelForCausalLM when the config names none."""
+    import transformers
+
+    names = json.loads((Path(path) / "config.json").read_text()).get("architectures") or ["AutoModelForCausalLM"]
+    if (cls := getattr(transformers, names[0], None)) is None:
+        raise ValueError(f"{path}/config.json: architectures[0] = {names[0]!r} is not a class of the installed "
+                         f"transformers {transformers.__version__}")
+    return cls.from_pretrained(path, dtype=dtype).eval()
+
+
 def load_engine(config: EvalConfig) -> tuple[Any, Target, Eagle3Draft, set[int]]:
     """tokenizer, target, draft (sharing the target's embedding) and the EOS ids."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from trainer.export import load_exported
 
     dtype = TORCH_DTYPES[config.dtype]
     tokenizer = AutoTokenizer.from_pretrained(config.target)
-    model = AutoModelForCausalLM.from_pretrained(config.target, dtype=dtype).eval()
+    model = load_target_model(config.target, dtype)
     text = model.config.get_text_config()
     draft = load_exported(config.draft, dtype=dtype).eval()
     if (draft.arch.vocab_size, draft.arch.hidden_size) != (text.vocab_size, text.hidden_size):

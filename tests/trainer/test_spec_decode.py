@@ -227,6 +227,25 @@ def test_ngram_way_gives_the_greedy_output_and_counts_only_rounds_that_drafted(t
     assert stats.drafts <= stats.draft_tokens <= K * stats.drafts  # a match near the end drafts fewer than k
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_audio"])
+def test_vlm_and_audio_targets_decode_text_prompts_speculatively_as_greedy(tmp_path, family):
+    """Targets the CPU vLLM build cannot serve as EAGLE-3 targets: text-only prompts (token ids)."""
+    from factory.default_model import DefaultModelConfig, prepare_default
+    from factory.tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
+    from trainer.spec_decode import load_target_model
+
+    build = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_audio": build_tiny_qwen2_audio}[family]
+    target_dir = build(tmp_path / family, tokenizer_dir=prepare_default(DefaultModelConfig(engine_check=False)))
+    model = load_target_model(target_dir, torch.float32)
+    model.generation_config.eos_token_id = None
+    draft = random_draft(target_dir, model.get_input_embeddings().weight, draft_vocab=512)
+    for proposer in (EagleProposer(draft, K), NgramProposer(k=K, min_n=1, max_n=2)):
+        stats = SpecStats(k=K)
+        out = generate(Target(model, (2, 4, 5)), proposer, PROMPTS[3], max_tokens=16, eos_ids=set(), stats=stats)
+        assert out == greedy_reference(model, PROMPTS[3], 16), type(proposer).__name__
+        assert stats.drafts > 0
+
+
 # --- `specmill eval --engine torch` end to end on a tiny chat model ------------------------------
 
 
