@@ -14,7 +14,7 @@ from shared.cli import bench_subparsers
 
 # flag -> (config field, type, help)
 _TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--data": ("data.path", Path, "shard data set directory"),
+    "--data": ("data.path", str, "shard data set directory, or a URI such as s3://bucket/data"),
     "--target": ("target.path", Path, "target model directory (HF config.json + safetensors)"),
     "--out": ("out", Path, "run directory (checkpoints, metrics.jsonl, curves.png); resumes if it has a checkpoint"),
     "--steps": ("steps", int, "optimizer steps"),

@@ -81,7 +81,7 @@ class TargetConfig:
 class DataConfig:
     """The shard data set and how it is batched."""
 
-    path: Path
+    path: Path | str  # a directory, or a URI (s3://..., see shared/storage.py) kept as written
     # Tokens in one packed batch (samples are concatenated until the next would not fit).
     # The TTT attention keeps k score matrices of heads x L x L for the backward pass
     # (~35 GB at L = 4096 for a Llama-8B-sized draft, k = 7): raise it with care.
@@ -100,7 +100,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.path is None or str(self.path) == "":
             raise ConfigError("data.path is required: set [data] path in the TOML file or pass --data DIR")
-        self.path = Path(self.path)
+        self.path = str(self.path) if is_uri(self.path) else Path(self.path)
         _positive("data.", self, "token_budget", "max_seq_len", "micro_batches", "prefetch")
         _positive("data.", self, "val_samples", allow_zero=True)
         if self.max_seq_len is None:
@@ -288,12 +288,17 @@ def parse_override(text: str) -> tuple[str, Any]:
 _PATH_KEYS = (("out",), ("target", "path"), ("data", "path"))
 
 
+def is_uri(path: Any) -> bool:
+    """`s3://bucket/x` and the like; Path() would fold its `//` and break it."""
+    return isinstance(path, str) and "://" in path
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for keys in _PATH_KEYS:
         node = raw
         for k in keys[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and not is_uri(node[keys[-1]]):
             p = Path(node[keys[-1]]).expanduser()
             node[keys[-1]] = p if p.is_absolute() else base / p
 

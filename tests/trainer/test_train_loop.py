@@ -115,3 +115,18 @@ def test_two_data_parallel_ranks_split_the_data_and_resume_together(tmp_path, sy
         train(run_config(out, synth_data, tiny_target, steps=6, **{"data.val_samples": 4, "draft.draft_vocab_size": 128,
                                                                   "ttt.steps": 2, "seed": 0, "optim.lr": 1e-4,
                                                                   "checkpoint.every": 500, "log_every": 1}))
+
+
+def test_a_data_set_on_a_filesystem_uri_trains_like_the_local_one(tmp_path, tiny_target):
+    pytest.importorskip("fsspec")
+    from shared.synth import SynthConfig, write_synthetic
+    from trainer_fixtures import HIDDEN, LAYERS, VOCAB
+
+    config = SynthConfig(samples=24, hidden_size=HIDDEN, vocab=VOCAB, num_layers=LAYERS, mean_tokens=40, max_tokens=96)
+    uri = f"memory://specmill-train-test/{tmp_path.name}/data"  # fsspec's in-process filesystem
+    write_synthetic(uri, config)
+    write_synthetic(tmp_path / "data", config)
+    settings = {"steps": 6, "checkpoint.every": 0}
+    remote = train(run_config(tmp_path / "remote", uri, tiny_target, **settings))
+    local = train(run_config(tmp_path / "local", tmp_path / "data", tiny_target, **settings))
+    assert len(remote.losses) == 6 and remote.losses == local.losses
