@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -213,6 +214,15 @@ class OutputConfig:
     commit_interval_s: float = 60.0  # ... or seconds, whichever comes first
 
     def __post_init__(self) -> None:
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", str(self.dir))  # "s3://b" is "s3:/b" once a Path
+        if scheme and scheme.group(1) == "file":
+            self.dir = re.sub(r"^file:/+", "/", str(self.dir))
+        elif scheme:
+            # The shard writer could (shared/storage.py), but quarantine files, progress.json and
+            # job.json are still written with local file calls: refuse rather than write to "s3:/...".
+            raise JobConfigError(f"output.dir {str(self.dir)!r}: the factory writes to a local or shared-volume "
+                                 f"directory only; object-store output is not supported yet (the trainer "
+                                 f"reads s3:// data sets: copy the finished directory there)")
         self.dir = Path(self.dir).expanduser()
         if self.dir.exists() and not self.dir.is_dir():
             raise JobConfigError(f"output.dir {self.dir} is a file; name a directory")
@@ -317,6 +327,8 @@ def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None
 
 def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
     def rel(p: str) -> str:
+        if "://" in p:
+            return p  # a URI: Path() would fold its "//"; OutputConfig says what it supports
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else base / q)
 

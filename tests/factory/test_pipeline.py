@@ -70,6 +70,11 @@ def test_a_bad_job_file_is_refused_naming_the_key(tmp_path, smollm_dir, toml, er
     assert error in str(e.value)
 
 
+def test_an_object_store_output_is_refused_instead_of_written_to_a_mangled_path(tmp_path, smollm_dir):
+    with pytest.raises(JobConfigError, match="object-store output is not supported yet"):
+        load_job(None, {"model": smollm_dir, "input.paths": ["x"], "output.dir": "s3://bucket/data"})
+
+
 def test_a_job_without_model_or_prompts_names_the_flag(tmp_path):
     with pytest.raises(JobConfigError, match="needs `model` \\(flag --model\\)"):
         load_job(None, {"input.paths": ["x"], "output.dir": tmp_path})
