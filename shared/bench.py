@@ -353,7 +353,7 @@ _SHIPPED_LAYOUT = Layout(name="arrow-ipc", write=_write_shipped)
 _TORCH_LAYOUT = Layout(name="torch-save", write=_per_sample_writer(_torch_save, ".pt"))
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format(name=SHIPPED, label="Arrow IPC, uncompressed (shipped: shards.Dataset.stream, as the trainer reads)",
+    Format(name=SHIPPED, label="Arrow IPC, uncompressed (shipped: shards.Dataset.stream, the epoch-streaming API)",
            layout=_SHIPPED_LAYOUT, open=_open_shipped, read=_by_stream),
     Format(name="arrow-ipc-getitem", label="same files through Dataset[i] in order (mmap, WILLNEED read-ahead)",
            layout=_SHIPPED_LAYOUT, open=_open_shipped),
