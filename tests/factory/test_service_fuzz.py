@@ -30,12 +30,14 @@ def service_app(tmp_path_factory):
     (root / "p.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     app = create_app(ServiceSettings(data_root=root, tokens=(ApiToken(name="fuzzer", token=TOKEN),),
                                      max_concurrent_jobs=0, max_request_bytes=64 << 10))
-    with TestClient(app) as client:  # runs the lifespan: the store is open while schemathesis calls
+    with TestClient(app) as client:  # runs the lifespan (store open, one-service lock taken)
         # A real job, so the per-job routes answer more than 404 when an id happens to match.
         r = client.post("/v1/jobs", json={"model": "model", "prompts": "p.jsonl", "max_samples": 1},
                         headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 201, r.text
-        yield app
+    # Closed again before schemathesis calls: its ASGI client runs the lifespan itself, and a
+    # second lifespan while this one held the data root's lock would be refused as a second service.
+    yield app
 
 
 @pytest.fixture(scope="module")
