@@ -17,6 +17,7 @@ checks, the service enforces:
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def resolve_spec(job: dict[str, Any] | None, flat: dict[str, Any], settings: Ser
             config = load_job(None, flatten(tables))
         except JobConfigError as e:
             errors.append(FieldError(loc=("body", "job"), msg=str(e)))
+        except OSError as e:  # a path the file system refuses (checked above; this is the backstop)
+            errors.append(FieldError(loc=("body", "job"), msg=f"a path cannot be used: {e.strerror or e}"))
         except (TypeError, ValueError, AttributeError) as e:  # a value of a type no key takes
             errors.append(FieldError(loc=("body", "job"), msg=f"not a job factory/job.py can load: {e}"))
     if errors:
@@ -145,10 +148,16 @@ def _resolve(value: Any, settings: ServiceSettings, at: tuple[str, ...], errors:
     # No ~ expansion: the service's home directory is not the client's.
     path = Path(value)
     try:
-        return (path if path.is_absolute() else settings.data_root / path).resolve()
+        resolved = (path if path.is_absolute() else settings.data_root / path).resolve()
+        # Ask the file system once, here: a name it cannot hold (too long, ...) is the client's
+        # error, and later exists()/is_file() calls would raise it as a 500.
+        os.stat(resolved)
+    except FileNotFoundError:
+        return resolved  # may be made later (the output directory); inputs are checked for existence
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
-        errors.append(FieldError(loc=at, msg=f"cannot resolve {value}: {e}"))
+        errors.append(FieldError(loc=at, msg=f"cannot use {value!r}: {getattr(e, 'strerror', None) or e}"))
         return None
+    return resolved
 
 
 def _inside(path: Path, roots: tuple[Path, ...], errors: list[FieldError], at: tuple[str, ...], what: str) -> bool:

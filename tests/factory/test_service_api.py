@@ -139,6 +139,13 @@ def test_a_symlink_that_leads_out_of_the_roots_is_refused(client, env):
     assert "outside the allowed roots" in errors["prompts.0"]
 
 
+@pytest.mark.parametrize("field", ["prompts", "model", "out"])
+def test_a_path_the_file_system_cannot_name_is_422_not_a_server_error(client, env, field):
+    # Found by the schemathesis run: a 300-character file name raised ENAMETOOLONG as a 500.
+    errors = bad_fields(submit(client, env, **{field: "x" * 300}))
+    assert any(k.startswith(field) and "too long" in m for k, m in errors.items()), errors
+
+
 def test_relative_paths_resolve_inside_the_data_root(client, env):
     job = submit(client, env, out="sets/first").json()
     assert job["out"] == str(env["data"] / "sets" / "first")
