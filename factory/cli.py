@@ -135,6 +135,8 @@ def _register_factory(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", choices=("chitchat", "evals"), required=True,
                    help="chitchat: multi-turn chats (chitchat-dataset); evals: task prompts (OpenAI evals wheel)")
     p.add_argument("--n", type=int, required=True, help="how many prompts")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N (so a held-out set does not overlap a training set taken with --n N)")
     p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     p.set_defaults(func=_cmd_factory_prompts)
 
@@ -142,8 +144,12 @@ def _register_factory(sub: argparse._SubParsersAction) -> None:
 def _cmd_factory_prompts(args: argparse.Namespace) -> int:
     from factory import prompts
 
-    chats = prompts.chitchat_chats(args.n) if args.source == "chitchat" else prompts.evals_chats(args.n)
-    print(prompts.write_prompts(args.out, chats))
+    if args.skip < 0:
+        print(f"error: --skip must be >= 0, got {args.skip}", file=sys.stderr)
+        return 2
+    take = args.skip + args.n
+    chats = prompts.chitchat_chats(take) if args.source == "chitchat" else prompts.evals_chats(take)
+    print(prompts.write_prompts(args.out, chats[args.skip:]))
     return 0
 
 

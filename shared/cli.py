@@ -90,6 +90,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens per resampled answer")
     p.set_defaults(func=_cmd_demo)
 
+    from shared import quality
+
+    p = bench_subparsers(sub).add_parser(
+        "quality", help="the draft's acceptance length vs n-gram on held-out prompts, trained on N conversations",
+        description="Resample N real conversations with the default target, train an EAGLE-3 draft, and "
+                    "serve it in vLLM next to no speculation and the n-gram proposer on held-out prompts; "
+                    "prints the figures next to the goals (acceptance length >= 2.0, tokens per target "
+                    "forward >= 1.3x n-gram) and writes WORKDIR/quality.json. Exits 1 when a goal is not met.")
+    quality.add_arguments(p)
+    p.set_defaults(func=quality.run_cli)
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import DemoConfig, run_demo

@@ -42,25 +42,34 @@ class DemoConfig:
                 raise ValueError(f"demo: {name} must be positive, got {getattr(self, name)}")
 
 
+class Steps:
+    """Runs `specmill` subcommands one subprocess each, logging and timing them; a step whose
+    `done` path exists is skipped, so an interrupted run resumes where it stopped."""
+
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, float]] = []
+
+    def __call__(self, title: str, *args: str, done: Path | None = None,
+                 env: dict[str, str] | None = None) -> str:
+        n = len(self.timings) + 1
+        if done is not None and done.exists():
+            log.info("step %d: %s (done already: %s)", n, title, done)
+            self.timings.append((title + " (cached)", 0.0))
+            return ""
+        log.info("step %d: %s", n, title)
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "shared.cli", *args], check=True,
+                             stdout=subprocess.PIPE, text=True, env=env).stdout
+        self.timings.append((title, time.monotonic() - t0))
+        sys.stdout.write(out)
+        return out
+
+
 def run_demo(config: DemoConfig) -> int:
     w = config.workdir
     w.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    steps: list[tuple[str, float]] = []
-
-    def step(title: str, *args: str, done: Path | None = None, env: dict[str, str] | None = None) -> str:
-        n = len(steps) + 1
-        if done is not None and done.exists():
-            log.info("demo step %d: %s (done already: %s)", n, title, done)
-            steps.append((title + " (cached)", 0.0))
-            return ""
-        log.info("demo step %d: %s", n, title)
-        t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "shared.cli", *args], check=True,
-                             stdout=subprocess.PIPE, text=True, env=env).stdout
-        steps.append((title, time.monotonic() - t0))
-        sys.stdout.write(out)
-        return out
+    step = Steps()
 
     model = step("prepare and verify the default target (SmolLM2-135M-Instruct)",
                  "model", "prepare-default").strip().splitlines()[-1]
@@ -86,7 +95,7 @@ def run_demo(config: DemoConfig) -> int:
     step(f"evaluate in vLLM: no speculation vs the draft (k={config.k}) vs n-gram", "eval", "--target", model,
          "--draft", str(draft), "--prompts", str(eval_prompts), "--out", str(evaluation), "--k", str(config.k))
 
-    print(report(json.loads((evaluation / "eval.json").read_text()), steps, time.monotonic() - started, w))
+    print(report(json.loads((evaluation / "eval.json").read_text()), step.timings, time.monotonic() - started, w))
     return 0
 
 

@@ -51,6 +51,7 @@ class BenchTrainConfig:
     warmup: int = 2
     rounds: int = 1
     device: str = "auto"
+    precision: str = "auto"
     workdir: Path | None = None  # where runs (and synthetic shards) go; default a temporary directory
 
     def __post_init__(self) -> None:
@@ -94,7 +95,8 @@ def _report(config: BenchTrainConfig, data: Path, synthetic: bool, rounds: list[
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "data": {"path": str(data) if not synthetic else None, "synthetic": synthetic},
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "precision": "bf16 autocast, fp32 master weights" if device == "cuda" else "fp32",
+        "precision": ("bf16 autocast, fp32 master weights"
+                      if config.precision == "bf16" or (config.precision == "auto" and device == "cuda") else "fp32"),
         "rounds": rounds,
         "loop_tokens_per_s": statistics.median(r["loop"]["tokens_per_s"] for r in rounds),
         "compute_tokens_per_s": statistics.median(r["compute"]["tokens_per_s"] for r in rounds),
@@ -112,7 +114,8 @@ def _train_config(config: BenchTrainConfig, data: Path, out: Path):
     return load_config(None, {
         "out": out, "target.path": config.target, "data.path": data, "steps": config.warmup + config.steps,
         "data.token_budget": config.token_budget, "ttt.steps": config.ttt_steps,
-        "draft.draft_vocab_size": config.draft_vocab_size, "device": config.device, "log_every": 1,
+        "draft.draft_vocab_size": config.draft_vocab_size, "device": config.device,
+        "precision": config.precision, "log_every": 1,
         "checkpoint.every": 0, "progress": False, "seed": 0})
 
 
@@ -164,7 +167,7 @@ def _breakdown(train_config, warmup: int) -> dict[str, float]:
     params = [p for p in run.model.parameters() if p.requires_grad]
     for i, batch in enumerate(batches):
         clock = _Clock(run.device)
-        with _autocast(run.device):
+        with _autocast(run.device, train_config.precision):
             target_distribution(run.head, batch.last_hidden_state, run.model)
             head = clock.lap()
             out = ttt_loss(run.model, run.head, batch, train_config.ttt)  # recomputes the head: subtracted
@@ -229,12 +232,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="steps left out at the start of each measurement")
     p.add_argument("--rounds", type=int, default=None, help="loop/compute pairs, alternating which goes first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="auto: bf16 autocast on a GPU, fp32 on CPU")
     p.add_argument("--workdir", type=Path, default=None, help="keep runs here (default: a temporary directory)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="write the report here")
 
 
 _FIELDS = ("target", "data", "synth_samples", "token_budget", "ttt_steps", "draft_vocab_size", "steps", "warmup",
-           "rounds", "device", "workdir")
+           "rounds", "device", "precision", "workdir")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DEVICES = ("auto", "cpu", "cuda")
+# auto: bf16 autocast on CUDA, plain fp32 on CPU. bf16 on CPU pays off where the CPU has bf16
+# matrix units (AMX, AVX512-BF16): ~1.6-2x there (see the README's bench train figures).
+PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 STRATEGIES = ("ddp", "fsdp")
 
@@ -214,6 +217,8 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"
+    # Matmul precision of the forward/backward (master weights and optimizer stay fp32).
+    precision: str = "auto"
     log_every: int = 10
     # Validate every N steps (needs data.val_samples > 0); 0 = only at the end.
     eval_every: int = 0
@@ -231,6 +236,8 @@ class TrainConfig:
             raise ConfigError(f"progress must be true or false, got {self.progress!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.eval_every and not self.data.val_samples:
             raise ConfigError(f"eval_every = {self.eval_every} needs held-out samples: set data.val_samples > 0 "
                               "(or --val-samples N)")

@@ -193,7 +193,7 @@ def train_step(model: Eagle3Draft, head: TargetHead, batches: list[Batch], optim
     lr = scheduler.get_last_lr()[0]
     outs = []
     for batch in batches:
-        with _autocast(batch.input_ids.device):
+        with _autocast(batch.input_ids.device, config.precision):
             out = ttt_loss(model, head, batch, config.ttt)
         (out.loss / len(batches)).backward()
         outs.append(out)
@@ -209,13 +209,13 @@ def train_step(model: Eagle3Draft, head: TargetHead, batches: list[Batch], optim
 
 @torch.no_grad()
 def evaluate(model: Eagle3Draft, head: TargetHead, batches: Iterator[Batch], config: TTTConfig,
-             device: torch.device, world: World = World()) -> dict[str, Any]:
+             device: torch.device, world: World = World(), *, precision: str = "auto") -> dict[str, Any]:
     """Loss, per-step accuracy and simulated AL over `batches` (summed over ranks), token-weighted."""
     model.eval()
     meter = Meter(config, world)
     for batch in batches:
         batch = batch.to(device)
-        with _autocast(device):
+        with _autocast(device, precision):
             out = ttt_loss(model, head, batch, config)
         meter.add({"out": out}, batch.tokens)
     return meter.summary(train=False)
@@ -224,7 +224,8 @@ def evaluate(model: Eagle3Draft, head: TargetHead, batches: Iterator[Batch], con
 def evaluate_held_out(run: Run) -> dict[str, Any]:
     batches = validation_batches(Dataset(run.config.data.path), run.held_out, run.config.data)
     record = {"step": run.loop.step, "split": "val",
-              **evaluate(run.model, run.head, batches, run.config.ttt, run.device, run.world)}
+              **evaluate(run.model, run.head, batches, run.config.ttt, run.device, run.world,
+                         precision=run.config.precision)}
     log.info(_format(record))
     return record
 
@@ -372,9 +373,11 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _autocast(device: torch.device):
-    # bf16 matmuls with fp32 master weights on GPUs; plain fp32 on CPU (exact and resumable bit for bit).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def _autocast(device: torch.device, precision: str):
+    """bf16 matmuls with fp32 master weights (precision "bf16", or "auto" on a GPU); plain fp32
+    otherwise. Either is deterministic on CPU, so resumption stays exact."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -22,21 +22,26 @@ def model_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(latest_checkpoint(out / "checkpoints") / STATE_FILE, weights_only=True)["model"]
 
 
-def test_resumed_run_continues_bit_for_bit_like_an_uninterrupted_one(tmp_path, synth_data, tiny_target):
-    straight = train(run_config(tmp_path / "straight", synth_data, tiny_target))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resumed_run_continues_bit_for_bit_like_an_uninterrupted_one(tmp_path, synth_data, tiny_target, precision):
+    straight = train(run_config(tmp_path / "straight", synth_data, tiny_target, precision=precision))
     assert len(straight.losses) == 30
 
-    first = train(run_config(tmp_path / "resumed", synth_data, tiny_target, stop_after=10))
+    first = train(run_config(tmp_path / "resumed", synth_data, tiny_target, stop_after=10, precision=precision))
     assert first.stopped_early and first.step == 10
     assert first.losses == straight.losses[:10]
     meta = read_meta(first.checkpoint)
     assert meta["step"] == 10 and len(meta["data_position"]) == 1  # one rank
     assert set(meta["data_position"][0]) == {"epoch", "cursor"}
 
-    again = train(run_config(tmp_path / "resumed", synth_data, tiny_target, stop_after=10))
+    again = train(run_config(tmp_path / "resumed", synth_data, tiny_target, stop_after=10, precision=precision))
     assert again.step == 10 and again.losses == [] and again.stopped_early  # the same command: nothing to do
 
-    second = train(run_config(tmp_path / "resumed", synth_data, tiny_target))
+    other = "bf16" if precision == "fp32" else "fp32"
+    with pytest.raises(CheckpointMismatch, match=f"precision: checkpoint '{precision}' != now '{other}'"):
+        train(run_config(tmp_path / "resumed", synth_data, tiny_target, precision=other))
+
+    second = train(run_config(tmp_path / "resumed", synth_data, tiny_target, precision=precision))
     assert second.step == 30 and len(second.losses) == 20
     assert second.losses == straight.losses[10:]  # exact float equality, step by step
     a, b = model_state(tmp_path / "straight"), model_state(tmp_path / "resumed")
@@ -44,6 +49,24 @@ def test_resumed_run_continues_bit_for_bit_like_an_uninterrupted_one(tmp_path, s
     records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 31))
     assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
+
+
+def test_bf16_autocast_trains_like_fp32_within_rounding(tmp_path, synth_data, tiny_target):
+    fp32 = train(run_config(tmp_path / "fp32", synth_data, tiny_target, steps=8, precision="fp32"))
+    bf16 = train(run_config(tmp_path / "bf16", synth_data, tiny_target, steps=8, precision="bf16"))
+    assert fp32.losses != bf16.losses, "bf16 autocast changed nothing: it is not engaged"
+    for a, b in zip(fp32.losses, bf16.losses):
+        assert abs(a - b) <= 0.03 * abs(a), (fp32.losses, bf16.losses)
+    master = model_state(tmp_path / "bf16")
+    assert all(v.dtype in (torch.float32, torch.int64, torch.bool) for v in master.values()), \
+        "master weights stay fp32 under autocast"
+
+
+def test_a_bad_precision_is_refused_naming_the_field(tmp_path, synth_data, tiny_target):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="precision must be one of .*'fp16'"):
+        run_config(tmp_path / "x", synth_data, tiny_target, precision="fp16")
 
 
 def test_a_checkpoint_from_another_config_or_data_set_is_refused(tmp_path, synth_data, real_data, tiny_target):

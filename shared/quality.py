@@ -1,0 +1,189 @@
+"""`specmill bench quality`: issue 7's quality target, measured end to end on the default target.
+
+Train conversations are real prompts from two PyPI packages (the OpenAI `evals` wheel's task
+prompts and `chitchat-dataset`'s chats), resampled by the target through the factory; the
+draft is trained, exported and served by vLLM next to no speculation and vLLM's n-gram
+proposer on *held-out* prompts of the same two packages (the ones that follow the training
+ones in each package, so the two sets never overlap). The n-gram proposer is the baseline of
+the same run. Goals: eagle3 acceptance length >= 2.0, and its tokens per target forward pass
+>= 1.3x the n-gram proposer's.
+
+Like the demo it drives the `specmill` command one subprocess per step and resumes: a step
+whose output exists is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shared.demo import Steps
+from shared.manifest import atomic_write_bytes
+
+log = logging.getLogger("specmill.quality")
+
+GOAL_ACCEPTANCE_LENGTH = 2.0
+GOAL_TOKENS_PER_FORWARD_VS_NGRAM = 1.3
+# The evals wheel's curated sets hold 1,198 prompts; the held-out ones come after the training ones.
+MAX_EVALS_TRAIN = 1100
+
+
+@dataclass(kw_only=True, slots=True)
+class QualityConfig:
+    workdir: Path
+    samples: int = 3000  # training conversations (evals prompts + chitchat chats)
+    max_tokens: int = 128  # per resampled answer, and per answer in the evaluation
+    epochs: float = 2.0  # passes over the data set's tokens
+    token_budget: int = 2048
+    ttt_steps: int = 3
+    lr: float = 1e-3
+    # bf16 autocast pays off on CPUs with bf16 matrix units (AMX) and on GPUs; fp32 elsewhere.
+    precision: str = "bf16"
+    heldout: int = 64  # evaluation prompts, half from each package
+    k: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "max_tokens", "token_budget", "ttt_steps", "heldout", "k"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"bench quality: {name} must be positive, got {getattr(self, name)}")
+        if self.samples < 2 or self.heldout < 2:
+            raise ValueError("bench quality: --samples and --heldout must be at least 2 (one per package)")
+        if not self.epochs > 0 or not self.lr > 0:
+            raise ValueError(f"bench quality: epochs and lr must be positive, got {self.epochs} and {self.lr}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"bench quality: precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    @property
+    def evals_train(self) -> int:
+        return min(MAX_EVALS_TRAIN, self.samples // 2)
+
+
+def run_quality(config: QualityConfig) -> dict:
+    w = config.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    step = Steps()
+    model = step("prepare and verify the default target", "model", "prepare-default").strip().splitlines()[-1]
+
+    n_evals = config.evals_train
+    n_chitchat = config.samples - n_evals
+    held_evals = config.heldout // 2
+    sets = {  # file: (source, skip, n)
+        "train-evals.jsonl": ("evals", 0, n_evals),
+        "train-chitchat.jsonl": ("chitchat", 0, n_chitchat),
+        "heldout-evals.jsonl": ("evals", n_evals, held_evals),
+        "heldout-chitchat.jsonl": ("chitchat", n_chitchat, config.heldout - held_evals),
+    }
+    for name, (source, skip, n) in sets.items():
+        step(f"prompts: {name} ({n} from {source}, after the first {skip})", "factory", "prompts",
+             "--source", source, "--skip", str(skip), "--n", str(n), "--out", str(w / name), done=w / name)
+    heldout = w / "heldout.jsonl"
+    if not heldout.exists():
+        atomic_write_bytes(heldout, (w / "heldout-evals.jsonl").read_bytes() + (w / "heldout-chitchat.jsonl").read_bytes())
+
+    data, run, draft, evaluation = w / "data", w / "train", w / "draft", w / "eval"
+    step(f"factory: resample {config.samples} conversations, capture hidden states", "factory", "run",
+         "--model", model, "--prompts", str(w / "train-evals.jsonl"), str(w / "train-chitchat.jsonl"),
+         "--out", str(data), "--max-tokens", str(config.max_tokens),
+         done=data / "manifest.json" if _complete(data) else None)
+    step("verify the shards", "shards", "verify", str(data))
+    manifest = json.loads((data / "manifest.json").read_text())
+    steps = math.ceil(config.epochs * manifest_tokens(manifest) / config.token_budget)
+    step(f"train the draft ({steps} steps = {config.epochs:g} epochs at {config.token_budget} tokens)", "train",
+         "--data", str(data), "--target", model, "--out", str(run), "--steps", str(steps), "--lr", str(config.lr),
+         "--token-budget", str(config.token_budget), "--ttt-steps", str(config.ttt_steps),
+         "--precision", config.precision, "--log-every", "50")  # resumes; nothing to do if done
+    step("export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(draft),
+         done=draft / "config.json")
+    step(f"evaluate in vLLM on {config.heldout} held-out prompts: none vs eagle3 (k={config.k}) vs n-gram", "eval",
+         "--target", model, "--draft", str(draft), "--prompts", str(heldout), "--out", str(evaluation),
+         "--k", str(config.k), "--max-tokens", str(config.max_tokens), done=evaluation / "eval.json")
+
+    results = summarize(config, manifest, json.loads((evaluation / "eval.json").read_text()), steps,
+                        step.timings, time.monotonic() - started)
+    atomic_write_bytes(w / "quality.json", (json.dumps(results, indent=1) + "\n").encode())
+    print(format_report(results))
+    return results
+
+
+def _complete(data: Path) -> bool:
+    try:
+        return bool(json.loads((data / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def manifest_tokens(manifest: dict) -> int:
+    return sum(int(s["tokens"]) for s in manifest["shards"])
+
+
+def summarize(config: QualityConfig, manifest: dict, ev: dict, steps: int, timings: list[tuple[str, float]],
+              seconds: float) -> dict:
+    eagle, ngram = ev["ways"]["eagle3"], ev["ways"]["ngram"]
+    report = manifest.get("info", {}).get("report", {})
+    tpf_ratio = None
+    if eagle["tokens_per_forward"] is not None and ngram["tokens_per_forward"]:
+        tpf_ratio = eagle["tokens_per_forward"] / ngram["tokens_per_forward"]
+    al = eagle["acceptance_length"]
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "data": {"conversations": config.samples, "samples": sum(int(s["rows"]) for s in manifest["shards"]),
+                 "tokens": manifest_tokens(manifest), "loss_tokens": report.get("loss_tokens"),
+                 "quarantined": report.get("quarantined"), "heldout_prompts": ev["num_prompts"]},
+        "train_steps": steps,
+        "seconds": {title: round(s, 1) for title, s in timings} | {"total": round(seconds, 1)},
+        "ways": {name: {key: ev["ways"][name][key] for key in
+                        ("acceptance_length", "tokens_per_forward", "acceptance_per_position",
+                         "output_tokens_per_s", "speedup")} for name in ("none", "ngram", "eagle3")},
+        "simulated_acceptance_length": ev.get("simulated_acceptance_length"),
+        "goals": {
+            "acceptance_length": {"value": al, "goal": GOAL_ACCEPTANCE_LENGTH,
+                                  "met": al is not None and al >= GOAL_ACCEPTANCE_LENGTH},
+            "tokens_per_forward_vs_ngram": {"value": tpf_ratio, "goal": GOAL_TOKENS_PER_FORWARD_VS_NGRAM,
+                                            "met": tpf_ratio is not None
+                                            and tpf_ratio >= GOAL_TOKENS_PER_FORWARD_VS_NGRAM}},
+    }
+
+
+def format_report(r: dict) -> str:
+    d = r["data"]
+    lines = ["", "specmill bench quality", "",
+             f"  data: {d['conversations']} conversations -> {d['samples']} samples, {d['tokens']} tokens "
+             f"({d['loss_tokens']} trained), {d['quarantined']} quarantined; {r['train_steps']} train steps; "
+             f"{d['heldout_prompts']} held-out prompts", ""]
+    lines += [f"  {s:8.1f} s  {title}" for title, s in r["seconds"].items()]
+    lines += ["", f"  {'way':<8} {'accept len':>10} {'tok/forward':>11} {'per position':>22} {'tok/s':>7} {'speedup':>8}"]
+    for name, w in r["ways"].items():
+        al = "-" if w["acceptance_length"] is None else f"{w['acceptance_length']:.3f}"
+        tpf = "-" if w["tokens_per_forward"] is None else f"{w['tokens_per_forward']:.3f}"
+        pos = " ".join(f"{a:.2f}" for a in w["acceptance_per_position"]) or "-"
+        lines.append(f"  {name:<8} {al:>10} {tpf:>11} {pos:>22} {w['output_tokens_per_s']:>7.1f} "
+                     f"{w['speedup']:>7.2f}x")
+    sim = r["simulated_acceptance_length"] or {}
+    if sim.get("available"):
+        lines.append(f"  the trainer's simulated acceptance length ({sim.get('simulated_acceptance_length_split')} "
+                     f"split): {sim['value']:.3f}")
+    lines.append("")
+    for name, g in r["goals"].items():
+        value = "-" if g["value"] is None else f"{g['value']:.3f}"
+        lines.append(f"  {name:<28} {value:>7}  goal >= {g['goal']:<4}  {'met' if g['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=Path("runs/quality"), help="where artifacts go (resumes)")
+    for name, kind in (("samples", int), ("max_tokens", int), ("epochs", float), ("token_budget", int),
+                       ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("k", int)):
+        default = QualityConfig.__dataclass_fields__[name].default
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in QualityConfig.__dataclass_fields__}
+    results = run_quality(QualityConfig(**given))
+    return 0 if all(g["met"] for g in results["goals"].values()) else 1

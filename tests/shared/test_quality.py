@@ -1,0 +1,127 @@
+"""`specmill bench quality`: held-out prompts never overlap the training ones, the steps run in
+order with the training length taken from the data set, and the goals are judged right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shared import quality
+from shared.cli import main
+from shared.quality import QualityConfig, format_report, run_quality, summarize
+
+
+def test_prompts_skip_gives_the_prompts_after_a_training_set(tmp_path):
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    assert main(["factory", "prompts", "--source", "chitchat", "--n", "20", "--out", str(train)]) == 0
+    assert main(["factory", "prompts", "--source", "chitchat", "--skip", "20", "--n", "5", "--out", str(held)]) == 0
+    both = tmp_path / "both.jsonl"
+    assert main(["factory", "prompts", "--source", "chitchat", "--n", "25", "--out", str(both)]) == 0
+    rows = lambda p: p.read_text().splitlines()  # noqa: E731
+    assert len(rows(held)) == 5
+    assert rows(train) + rows(held) == rows(both)  # the next five, none of the training twenty
+    assert main(["factory", "prompts", "--source", "chitchat", "--skip", "-1", "--n", "5",
+                 "--out", str(held)]) == 2
+
+
+class FakeSteps:
+    """Stands in for the `specmill` subprocesses: records each command and writes what it would."""
+
+    def __init__(self, tokens_per_sample: int = 100):
+        self.timings: list[tuple[str, float]] = []
+        self.commands: list[list[str]] = []
+        self.tokens_per_sample = tokens_per_sample
+
+    def __call__(self, title: str, *args: str, done: Path | None = None, env=None) -> str:
+        if done is not None and done.exists():
+            self.timings.append((title + " (cached)", 0.0))
+            return ""
+        self.commands.append(list(args))
+        self.timings.append((title, 1.0))
+        opt = lambda name: args[args.index(name) + 1]  # noqa: E731
+        if args[:2] == ("model", "prepare-default"):
+            return "/models/smollm2\n"
+        if args[:2] == ("factory", "prompts"):
+            skip, n = int(opt("--skip")), int(opt("--n"))
+            Path(opt("--out")).write_text("".join(f'{{"id": "{opt("--source")}-{i}"}}\n' for i in range(skip, skip + n)))
+        elif args[:2] == ("factory", "run"):
+            out = Path(opt("--out"))
+            out.mkdir()
+            rows = 10
+            (out / "manifest.json").write_text(json.dumps({
+                "complete": True, "shards": [{"rows": rows, "tokens": rows * self.tokens_per_sample}],
+                "info": {"report": {"loss_tokens": 400, "quarantined": 0}}}))
+        elif args[0] == "export":
+            Path(opt("--out")).mkdir()
+            (Path(opt("--out")) / "config.json").write_text("{}")
+        elif args[0] == "eval":
+            out = Path(opt("--out"))
+            out.mkdir()
+            (out / "eval.json").write_text(json.dumps(fake_eval(eagle_al=2.2, eagle_tpf=2.1, ngram_tpf=1.2)))
+        return ""
+
+
+def fake_eval(*, eagle_al, eagle_tpf, ngram_tpf) -> dict:
+    way = lambda al, tpf, pos: {"acceptance_length": al, "tokens_per_forward": tpf,  # noqa: E731
+                                "acceptance_per_position": pos, "output_tokens_per_s": 50.0, "speedup": 1.0}
+    return {"num_prompts": 4, "simulated_acceptance_length": {"available": False},
+            "ways": {"none": way(None, 1.0, []), "ngram": way(1.3, ngram_tpf, [0.2, 0.1, 0.0]),
+                     "eagle3": way(eagle_al, eagle_tpf, [0.6, 0.4, 0.2])}}
+
+
+def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch,
+                                                                                        capsys):
+    fake = FakeSteps()
+    monkeypatch.setattr(quality, "Steps", lambda: fake)
+    config = QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=3, token_budget=256, lr=5e-4)
+    results = run_quality(config)
+
+    train = [json.loads(x)["id"] for f in ("train-evals.jsonl", "train-chitchat.jsonl")
+             for x in (tmp_path / f).read_text().splitlines()]
+    held = [json.loads(x)["id"] for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert train == [f"evals-{i}" for i in range(5)] + [f"chitchat-{i}" for i in range(5)]
+    assert held == ["evals-5", "evals-6", "chitchat-5", "chitchat-6"]
+
+    by_name = {tuple(c[:2]): c for c in fake.commands}
+    run = by_name[("factory", "run")]
+    assert run[run.index("--prompts") + 1:run.index("--prompts") + 3] == [
+        str(tmp_path / "train-evals.jsonl"), str(tmp_path / "train-chitchat.jsonl")]
+    train_cmd = next(c for c in fake.commands if c[0] == "train")
+    assert train_cmd[train_cmd.index("--steps") + 1] == str(-(-3 * 1000 // 256))  # ceil(epochs x tokens / budget)
+    assert train_cmd[train_cmd.index("--lr") + 1] == "0.0005"
+    eval_cmd = next(c for c in fake.commands if c[0] == "eval")
+    assert eval_cmd[eval_cmd.index("--prompts") + 1] == str(tmp_path / "heldout.jsonl")
+
+    assert results["goals"]["acceptance_length"] == {"value": 2.2, "goal": 2.0, "met": True}
+    assert results["goals"]["tokens_per_forward_vs_ngram"]["value"] == pytest.approx(2.1 / 1.2)
+    assert json.loads((tmp_path / "quality.json").read_text())["data"]["tokens"] == 1000
+    assert "met" in capsys.readouterr().out
+
+    # Run again: every step's output exists, so nothing but the target check runs.
+    fake.commands.clear()
+    run_quality(config)
+    assert [c[:2] for c in fake.commands] == [["model", "prepare-default"], ["shards", "verify"], ["train", "--data"]]
+
+
+@pytest.mark.parametrize("eagle_al, eagle_tpf, ngram_tpf, met", [
+    (2.0, 2.6, 2.0, (True, True)),      # 2.6 / 2.0 = 1.3 exactly: the goals are >=
+    (1.9, 1.9, 1.2, (False, True)),
+    (2.4, 2.3, 1.9, (True, False)),
+    (None, 1.0, 1.0, (False, False)),   # no drafts at all
+])
+def test_goals_are_judged_against_the_n_gram_of_the_same_run(tmp_path, eagle_al, eagle_tpf, ngram_tpf, met):
+    manifest = {"shards": [{"rows": 2, "tokens": 50}], "info": {"report": {}}}
+    r = summarize(QualityConfig(workdir=tmp_path), manifest, fake_eval(eagle_al=eagle_al, eagle_tpf=eagle_tpf,
+                                                                     ngram_tpf=ngram_tpf), 3, [("x", 1.0)], 2.0)
+    assert (r["goals"]["acceptance_length"]["met"], r["goals"]["tokens_per_forward_vs_ngram"]["met"]) == met
+    text = format_report(r)
+    assert text.count("NOT met") == met.count(False)
+
+
+@pytest.mark.parametrize("field, value", [("samples", 1), ("heldout", 0), ("epochs", 0.0), ("lr", -1.0),
+                                          ("precision", "fp8")])
+def test_bad_settings_are_refused_naming_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        QualityConfig(workdir=tmp_path, **{field: value})
