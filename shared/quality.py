@@ -42,8 +42,8 @@ class QualityConfig:
     token_budget: int = 2048
     ttt_steps: int = 3
     lr: float = 1e-3
-    # bf16 autocast pays off on CPUs with bf16 matrix units (AMX) and on GPUs; fp32 elsewhere.
-    precision: str = "bf16"
+    # The trainer's: auto = bf16 autocast on a GPU or a CPU with AMX/AVX512-BF16, else fp32.
+    precision: str = "auto"
     heldout: int = 64  # evaluation prompts, half from each package
     k: int = 3
 

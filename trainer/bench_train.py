@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from trainer.config import resolve_precision
+
 log = logging.getLogger("specmill.trainer")
 
 GOAL = 0.9
@@ -96,7 +98,7 @@ def _report(config: BenchTrainConfig, data: Path, synthetic: bool, rounds: list[
         "data": {"path": str(data) if not synthetic else None, "synthetic": synthetic},
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "precision": ("bf16 autocast, fp32 master weights"
-                      if config.precision == "bf16" or (config.precision == "auto" and device == "cuda") else "fp32"),
+                      if resolve_precision(config.precision, device) == "bf16" else "fp32"),
         "rounds": rounds,
         "loop_tokens_per_s": statistics.median(r["loop"]["tokens_per_s"] for r in rounds),
         "compute_tokens_per_s": statistics.median(r["compute"]["tokens_per_s"] for r in rounds),
@@ -233,7 +235,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="loop/compute pairs, alternating which goes first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
-                   help="auto: bf16 autocast on a GPU, fp32 on CPU")
+                   help="auto: bf16 autocast on a GPU or a CPU with bf16 matrix instructions (AMX, "
+                        "AVX512-BF16), fp32 on other CPUs")
     p.add_argument("--workdir", type=Path, default=None, help="keep runs here (default: a temporary directory)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="write the report here")
 

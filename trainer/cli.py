@@ -20,7 +20,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--steps": ("steps", int, "optimizer steps"),
     "--seed": ("seed", int, "seed of the init, the data order and the validation split"),
     "--device": ("device", str, "auto, cpu or cuda"),
-    "--precision": ("precision", str, "auto (bf16 autocast on a GPU, fp32 on CPU), fp32 or bf16"),
+    "--precision": ("precision", str, "auto (bf16 autocast on a GPU or a CPU with AMX/AVX512-BF16, else fp32), fp32 or bf16"),
     "--lr": ("optim.lr", float, "peak learning rate"),
     "--token-budget": ("data.token_budget", int, "tokens per packed batch"),
     "--max-seq-len": ("data.max_seq_len", int, "cut longer samples to this many tokens"),

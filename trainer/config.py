@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DEVICES = ("auto", "cpu", "cuda")
-# auto: bf16 autocast on CUDA, plain fp32 on CPU. bf16 on CPU pays off where the CPU has bf16
-# matrix units (AMX, AVX512-BF16): ~1.6-2x there (see the README's bench train figures).
+# auto: bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (AMX or AVX512-BF16:
+# ~1.6-2x faster there, see the README's bench train figures), plain fp32 on other CPUs.
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 STRATEGIES = ("ddp", "fsdp")
@@ -217,7 +217,8 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"
-    # Matmul precision of the forward/backward (master weights and optimizer stay fp32).
+    # Matmul precision of the forward/backward (master weights and optimizer stay fp32);
+    # see PRECISIONS and resolve_precision.
     precision: str = "auto"
     log_every: int = 10
     # Validate every N steps (needs data.val_samples > 0); 0 = only at the end.
@@ -357,3 +358,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """"bf16" or "fp32": what `precision` means on this device (see PRECISIONS)."""
+    if precision != "auto":
+        return precision
+    if device_type == "cuda":
+        return "bf16"
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bf16" if any(probe is not None and probe() for probe in probes) else "fp32"

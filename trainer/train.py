@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from shared.shards import Dataset
 from trainer.checkpoint import Checkpointer, RNGState, check_compatible, read_meta
-from trainer.config import OptimConfig, TrainConfig, TTTConfig
+from trainer.config import OptimConfig, TrainConfig, TTTConfig, resolve_precision
 from trainer.data import Batch, PackedLoader, dataset_fingerprint, split_validation, validation_batches
 from trainer.distributed import (RankedLoaderState, ShardedModelState, ShardedOptimizerState, World,
                                  init_world, shard_draft)
@@ -152,8 +152,9 @@ def setup(config: TrainConfig) -> Run:
                   "scheduler": scheduler,
                   "data": RankedLoaderState(loader, world), "rng": RNGState(), "loop": loop}
     log.info("%s: draft of %d trainable params, draft vocab %d, %d train / %d held-out samples, "
-             "%d rank(s) on %s", config.out, sum(p.numel() for p in model.parameters() if p.requires_grad),
-             vocab.size, len(ds) - len(held_out), len(held_out), world.size, device)
+             "%d rank(s) on %s, %s matmuls (precision = %s)", config.out,
+             sum(p.numel() for p in model.parameters() if p.requires_grad), vocab.size, len(ds) - len(held_out),
+             len(held_out), world.size, device, resolve_precision(config.precision, device.type), config.precision)
     return Run(config=config, world=world, device=device, model=model, head=head, optimizer=optimizer,
                scheduler=scheduler, loader=loader, held_out=held_out[world.rank::world.size], loop=loop,
                components=components, meta=_run_meta(config, ds, arch, world),
@@ -374,10 +375,11 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def _autocast(device: torch.device, precision: str):
-    """bf16 matmuls with fp32 master weights (precision "bf16", or "auto" on a GPU); plain fp32
-    otherwise. Either is deterministic on CPU, so resumption stays exact."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    """bf16 matmuls with fp32 master weights, or plain fp32 (config.resolve_precision). Either
+    is deterministic on CPU, so resumption stays exact."""
+    if resolve_precision(precision, device.type) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

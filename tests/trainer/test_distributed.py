@@ -19,7 +19,8 @@ from trainer_fixtures import run_config
 STEPS = 4
 # One setting for every run here; the rank count, micro-batches and strategy vary.
 SETTINGS = {"steps": STEPS, "data.token_budget": 160, "draft.draft_vocab_size": 128, "ttt.steps": 2,
-            "optim.lr": 1e-2, "optim.warmup_fraction": 0.0, "log_every": 1, "checkpoint.every": 0, "seed": 3}
+            "optim.lr": 1e-2, "optim.warmup_fraction": 0.0, "log_every": 1, "checkpoint.every": 0, "seed": 3,
+            "precision": "fp32"}
 
 
 def torchrun(out: Path, data: Path, target: Path, *settings: str) -> None:

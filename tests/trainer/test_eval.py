@@ -135,7 +135,7 @@ def default_draft(tmp_path_factory) -> tuple[Path, Path]:
     build_default_dataset(target, root / "data")
     trained = specmill("train", "--data", str(root / "data"), "--target", str(target), "--out", str(root / "run"),
                        "--steps", "30", "--device", "cpu", "--token-budget", "512", "--draft-vocab-size", "2048",
-                       "--ttt-steps", "3", "--lr", "1e-3", "--no-progress")
+                       "--ttt-steps", "3", "--lr", "1e-3", "--precision", "fp32", "--no-progress")
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = specmill("export", str(root / "run"), "--format", "eagle", "--out", str(root / "draft"))
     assert exported.returncode == 0, exported.stderr[-3000:]

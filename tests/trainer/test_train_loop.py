@@ -62,6 +62,17 @@ def test_bf16_autocast_trains_like_fp32_within_rounding(tmp_path, synth_data, ti
         "master weights stay fp32 under autocast"
 
 
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_bf16_matrix_instructions(monkeypatch):
+    from trainer.config import resolve_precision
+
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    for amx, avx512_bf16, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert resolve_precision("auto", "cpu") == expected
+
+
 def test_a_bad_precision_is_refused_naming_the_field(tmp_path, synth_data, tiny_target):
     from trainer.config import ConfigError
 

@@ -97,6 +97,8 @@ def run_config(out: Path, data: Path, target: Path, **overrides):
 
     settings = {"out": out, "steps": 30, "data.path": data, "target.path": target, "data.token_budget": 160,
                 "draft.draft_vocab_size": 200, "ttt.steps": 3, "optim.lr": 1e-3, "progress": False,
-                "log_every": 1, "checkpoint.every": 7, "seed": 5}
+                "log_every": 1, "checkpoint.every": 7, "seed": 5,
+                # the same arithmetic on every CPU ("auto" is bf16 on CPUs with AMX/AVX512-BF16)
+                "precision": "fp32"}
     settings.update(overrides)
     return load_config(None, settings)
