@@ -5,7 +5,8 @@ map (or plain `read()`) ran at about half of what the disk gives an O_DIRECT rea
 the machines this was built on (`specmill shards bench`). So a stream reads every sample
 that is not already in the page cache with O_DIRECT: the record batch's whole byte range
 (neighbouring samples of one shard coalesced into one request of up to `max_request`
-bytes) lands in a fresh page-aligned buffer, and the tensors handed out are views of it.
+bytes) lands in a page-aligned buffer in huge pages, reused from a pool (`BufferPool` says
+why both matter), and the tensors handed out are views of it.
 Samples already in the page cache (`mincore`) are read through the memory map, as
 `Dataset[i]` does (O_DIRECT would go back to the disk for them), with a pool thread
 mapping their pages in (MADV_POPULATE_READ) ahead of the consumer: on a fresh map the
@@ -43,7 +44,8 @@ log = logging.getLogger("specmill.shards")
 # O_DIRECT needs offsets, lengths and buffers aligned to the device's logical block size:
 # 4096 covers both 512-byte and 4K devices, and mmap'd buffers are page aligned.
 DIRECT_ALIGN = 4096
-_MADV_POPULATE_READ = 22  # not in Python 3.11's mmap module
+_MADV_POPULATE_READ = 22  # Linux 5.14+, not in Python 3.11's mmap module
+_MADV_POPULATE_WRITE = 23
 _ARROW_MAGIC = b"ARROW1"
 
 
@@ -176,10 +178,18 @@ def open_direct(path: str | os.PathLike) -> int | None:
 class BufferPool:
     """Page-aligned I/O buffers, recycled once the last tensor viewing one is gone.
 
-    Fresh anonymous memory is slow to fault in on the VMs this was built on (~0.6-0.8 GB/s,
-    less than the disk), so an O_DIRECT read into a new buffer ran at a fraction of the
-    disk's speed; reused buffers are already backed. One pool per process: a trainer
-    streams epoch after epoch from one data set, and the buffers outlive each stream.
+    Two things made O_DIRECT reads slower than the disk on the VMs this was built on
+    (measured on a dropped cache; README "Shard storage"):
+    - in 4 KiB pages a buffer is physically scattered, and the block layer cuts a read
+      into requests of at most `max_segments` pages (254 here: 0.5-1 MiB requests, 1.3-1.8
+      GB/s). In transparent huge pages (2 MiB, `MADV_HUGEPAGE`) a request grows to the
+      device's `max_sectors_kb` (4 MiB here: 2.5-2.8 GB/s, the same disk, the same minute);
+    - fresh 4 KiB pages fault in at 0.45-0.9 GB/s on these VMs, less than the disk (huge
+      pages: 1.7-2.2 GB/s), so buffers are reused rather than mapped per request.
+    Private, not shared anonymous memory: a forked loader worker inherits the free list,
+    and with shared pages it would read into the very buffers its parent hands out.
+    One pool per process: a trainer streams epoch after epoch from one data set, and the
+    buffers outlive each stream.
     """
 
     def __init__(self, *, keep_bytes: int = 512 << 20):
@@ -191,14 +201,15 @@ class BufferPool:
     def acquire(self, nbytes: int) -> np.ndarray:
         """A uint8 array of at least `nbytes` over a page-aligned buffer; the buffer returns
         to the pool when this array (and everything viewing it) is garbage."""
+        size = _pool_size(nbytes)
         with self._lock:
-            fits = [m for m in self._free if len(m) >= nbytes]
+            fits = [m for m in self._free if len(m) >= size]
             buffer = min(fits, key=len) if fits else None
             if buffer is not None:
                 self._free.remove(buffer)
                 self._free_bytes -= len(buffer)
         if buffer is None:
-            buffer = mmap.mmap(-1, _pool_size(nbytes))
+            buffer = direct_buffer(size)
         array = np.frombuffer(buffer, dtype=np.uint8)
         weakref.finalize(array, self._release, buffer)
         return array
@@ -210,13 +221,33 @@ class BufferPool:
                 self._free_bytes += len(buffer)
 
 
-_POOL_MIN = (16 << 20) + 2 * DIRECT_ALIGN  # a default max_request, aligned at both ends
+_POOL_MIN = 18 << 20  # a default max_request (16 MiB) aligned at both ends, in whole huge pages
 
 
 def _pool_size(nbytes: int) -> int:
     """Few distinct sizes, so that buffers get reused: one for every request up to the
-    default max_request, powers of two above (a single sample larger than that)."""
+    default max_request, powers of two above (a single sample larger than that); all
+    whole huge pages, which the kernel then aligns to 2 MiB."""
     return _POOL_MIN if nbytes <= _POOL_MIN else 1 << (nbytes - 1).bit_length()
+
+
+def direct_buffer(size: int) -> mmap.mmap:
+    """A private anonymous buffer of `size` bytes for O_DIRECT reads, backed by transparent
+    huge pages where the kernel has them, its pages faulted in now (by the thread that is
+    about to read into it, so while other threads' reads are in flight)."""
+    global _huge_pages_refused
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if not _huge_pages_refused:
+        try:
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError) as e:  # a kernel without transparent huge pages
+            _huge_pages_refused = True
+            log.info("MADV_HUGEPAGE refused (%s): O_DIRECT buffers use 4 KiB pages, cold reads run slower", e)
+    residency().populate_write(np.frombuffer(buffer, dtype=np.uint8).ctypes.data, size)
+    return buffer
+
+
+_huge_pages_refused = False
 POOL = BufferPool()
 
 
@@ -250,6 +281,7 @@ class _Residency:
         self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         self._madvise.restype = ctypes.c_int
         self._populate_ok = True
+        self._populate_write_ok = True
         self._local = threading.local()
 
     def probably_cached(self, address: int, length: int) -> bool:
@@ -277,6 +309,13 @@ class _Residency:
         if self._populate_ok and self._madvise(first, address + length - first, _MADV_POPULATE_READ) != 0:
             self._populate_ok = False  # an older kernel: the consumer faults the pages in
             log.info("MADV_POPULATE_READ refused (errno %d): warm stream reads fault pages in", ctypes.get_errno())
+
+    def populate_write(self, address: int, length: int) -> None:
+        """Fault a fresh anonymous range in now (MADV_POPULATE_WRITE, Linux 5.14+), GIL released."""
+        if self._populate_write_ok and self._madvise(address, length, _MADV_POPULATE_WRITE) != 0:
+            self._populate_write_ok = False  # an older kernel: the first read into a buffer faults it in
+            log.info("MADV_POPULATE_WRITE refused (errno %d): fresh read buffers fault in during reads",
+                     ctypes.get_errno())
 
     def _page_cached(self, page: int, vector) -> bool:
         return self._mincore(page, mmap.PAGESIZE, vector) == 0 and bool(vector.raw[0] & 1)
