@@ -70,27 +70,13 @@ def run_quality(config: QualityConfig) -> dict:
     step = Steps()
     model = step("prepare and verify the default target", "model", "prepare-default").strip().splitlines()[-1]
 
-    n_evals = config.evals_train
-    n_chitchat = config.samples - n_evals
-    held_evals = config.heldout // 2
-    sets = {  # file: (source, skip, n)
-        "train-evals.jsonl": ("evals", 0, n_evals),
-        "train-chitchat.jsonl": ("chitchat", 0, n_chitchat),
-        "heldout-evals.jsonl": ("evals", n_evals, held_evals),
-        "heldout-chitchat.jsonl": ("chitchat", n_chitchat, config.heldout - held_evals),
-    }
-    for name, (source, skip, n) in sets.items():
-        step(f"prompts: {name} ({n} from {source}, after the first {skip})", "factory", "prompts",
-             "--source", source, "--skip", str(skip), "--n", str(n), "--out", str(w / name), done=w / name)
-    heldout = w / "heldout.jsonl"
-    if not heldout.exists():
-        atomic_write_bytes(heldout, (w / "heldout-evals.jsonl").read_bytes() + (w / "heldout-chitchat.jsonl").read_bytes())
+    train_files, heldout = plan_prompts(config, step)
+    n_rows = sum(len(_rows(f)) for f in train_files)
 
     data, run, draft, evaluation = w / "data", w / "train", w / "draft", w / "eval"
-    step(f"factory: resample {config.samples} conversations, capture hidden states", "factory", "run",
-         "--model", model, "--prompts", str(w / "train-evals.jsonl"), str(w / "train-chitchat.jsonl"),
-         "--out", str(data), "--max-tokens", str(config.max_tokens),
-         done=data / "manifest.json" if _complete(data) else None)
+    step(f"factory: resample {n_rows} conversations ({config.samples} distinct), capture hidden states",
+         "factory", "run", "--model", model, "--prompts", *map(str, train_files), "--out", str(data),
+         "--max-tokens", str(config.max_tokens), done=data / "manifest.json" if _complete(data, n_rows) else None)
     step("verify the shards", "shards", "verify", str(data))
     manifest = json.loads((data / "manifest.json").read_text())
     steps = math.ceil(config.epochs * manifest_tokens(manifest) / config.token_budget)
@@ -111,11 +97,66 @@ def run_quality(config: QualityConfig) -> dict:
     return results
 
 
-def _complete(data: Path) -> bool:
+def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], Path]:
+    """Write the training prompts (evals + chitchat, the chitchat share grown until the two hold
+    `samples` distinct conversations: chitchat repeats some short chats, which the factory
+    quarantines as duplicates) and the held-out ones: the prompts that follow the training ones
+    in each package, leaving out any whose question (the turns before the first answer) a
+    training conversation also starts with. Returns (training files, held-out file)."""
+    w = config.workdir
+    evals, chitchat = w / "train-evals.jsonl", w / "train-chitchat.jsonl"
+
+    def prompts(path: Path, source: str, skip: int, n: int) -> list[str]:
+        step(f"prompts: {path.name} ({n} from {source}, after the first {skip})", "factory", "prompts",
+             "--source", source, "--skip", str(skip), "--n", str(n), "--out", str(path))
+        return _rows(path)
+
+    n_evals, n_chitchat = config.evals_train, config.samples - config.evals_train
+    train = prompts(evals, "evals", 0, n_evals)
+    while True:
+        rows = train + prompts(chitchat, "chitchat", 0, n_chitchat)
+        distinct = len(set(rows))
+        if distinct >= config.samples:
+            break
+        n_chitchat += config.samples - distinct
+    seen = {_question(r) for r in rows}
+    kept: list[str] = []
+    held_evals = config.heldout // 2
+    for source, skip, want in (("evals", n_evals, held_evals), ("chitchat", n_chitchat, config.heldout - held_evals)):
+        fresh = []
+        for row in prompts(w / f"heldout-{source}.jsonl", source, skip, 2 * want):
+            if _question(row) not in seen:
+                seen.add(_question(row))
+                fresh.append(row)
+        if len(fresh) < want:
+            raise ValueError(f"bench quality: only {len(fresh)} of the {2 * want} {source} prompts after the "
+                             f"training ones are new questions; asked for {want} (lower --heldout)")
+        kept += fresh[:want]
+    heldout = w / "heldout.jsonl"
+    atomic_write_bytes(heldout, "".join(r + "\n" for r in kept).encode())
+    return [evals, chitchat], heldout
+
+
+def _rows(path: Path) -> list[str]:
+    """A prompts file's rows, each as canonical JSON (so equal chats compare equal)."""
+    return [json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _question(row: str) -> str:
+    """What an evaluation sends of a row: its turns before the first assistant turn."""
+    messages = json.loads(row)["messages"]
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return json.dumps(messages[:first_answer], sort_keys=True)
+
+
+def _complete(data: Path, input_rows: int) -> bool:
+    """The data set is finished and was made from `input_rows` prompt rows (not an earlier, smaller plan)."""
     try:
-        return bool(json.loads((data / "manifest.json").read_text()).get("complete"))
+        manifest = json.loads((data / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
+    report = manifest.get("info", {}).get("report", {})
+    return bool(manifest.get("complete")) and report.get("input_rows") == input_rows
 
 
 def manifest_tokens(manifest: dict) -> int:

@@ -26,6 +26,15 @@ def test_prompts_skip_gives_the_prompts_after_a_training_set(tmp_path):
                  "--out", str(held)]) == 2
 
 
+def chat(source: str, i: int) -> dict:
+    """Prompt i of a fake package; chitchat repeats itself (every chat whose index ends in 3 is
+    chat i - 1 again), and a later chat asks a training chat's question (index 6 asks what 2 asks)."""
+    if source == "chitchat" and i % 10 == 3:
+        i -= 1
+    question = f"{source}-{2 if source == 'chitchat' and i == 6 else i}"
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"a{i}"}]}
+
+
 class FakeSteps:
     """Stands in for the `specmill` subprocesses: records each command and writes what it would."""
 
@@ -45,14 +54,15 @@ class FakeSteps:
             return "/models/smollm2\n"
         if args[:2] == ("factory", "prompts"):
             skip, n = int(opt("--skip")), int(opt("--n"))
-            Path(opt("--out")).write_text("".join(f'{{"id": "{opt("--source")}-{i}"}}\n' for i in range(skip, skip + n)))
+            Path(opt("--out")).write_text("".join(json.dumps(chat(opt("--source"), i)) + "\n"
+                                                  for i in range(skip, skip + n)))
         elif args[:2] == ("factory", "run"):
             out = Path(opt("--out"))
-            out.mkdir()
-            rows = 10
+            out.mkdir(exist_ok=True)
+            rows = sum(len(Path(p).read_text().splitlines()) for p in args[args.index("--prompts") + 1:args.index("--out")])
             (out / "manifest.json").write_text(json.dumps({
-                "complete": True, "shards": [{"rows": rows, "tokens": rows * self.tokens_per_sample}],
-                "info": {"report": {"loss_tokens": 400, "quarantined": 0}}}))
+                "complete": True, "shards": [{"rows": 10, "tokens": 10 * self.tokens_per_sample}],
+                "info": {"report": {"input_rows": rows, "loss_tokens": 400, "quarantined": rows - 10}}}))
         elif args[0] == "export":
             Path(opt("--out")).mkdir()
             (Path(opt("--out")) / "config.json").write_text("{}")
@@ -78,11 +88,15 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     config = QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=3, token_budget=256, lr=5e-4)
     results = run_quality(config)
 
-    train = [json.loads(x)["id"] for f in ("train-evals.jsonl", "train-chitchat.jsonl")
+    question = lambda line: json.loads(line)["messages"][0]["content"]  # noqa: E731
+    train = [question(x) for f in ("train-evals.jsonl", "train-chitchat.jsonl")
              for x in (tmp_path / f).read_text().splitlines()]
-    held = [json.loads(x)["id"] for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
-    assert train == [f"evals-{i}" for i in range(5)] + [f"chitchat-{i}" for i in range(5)]
-    assert held == ["evals-5", "evals-6", "chitchat-5", "chitchat-6"]
+    # 5 evals + chitchat grown from 5 to 6 rows, so that 10 are distinct (chitchat-3 repeats chitchat-2)
+    assert train == [f"evals-{i}" for i in range(5)] + ["chitchat-0", "chitchat-1", "chitchat-2", "chitchat-2",
+                                                          "chitchat-4", "chitchat-5"]
+    held = [question(x) for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    # the prompts after the training ones, less repeats of training questions (chat 6 asks chat 2's)
+    assert held == ["evals-5", "evals-6", "chitchat-7", "chitchat-8"]
 
     by_name = {tuple(c[:2]): c for c in fake.commands}
     run = by_name[("factory", "run")]
@@ -99,10 +113,25 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     assert json.loads((tmp_path / "quality.json").read_text())["data"]["tokens"] == 1000
     assert "met" in capsys.readouterr().out
 
-    # Run again: every step's output exists, so nothing but the target check runs.
+    # Run again: the data set, export and evaluation exist, so they are not made again (the
+    # prompts are rewritten, identically; the trainer resumes and finds nothing to do).
     fake.commands.clear()
     run_quality(config)
-    assert [c[:2] for c in fake.commands] == [["model", "prepare-default"], ["shards", "verify"], ["train", "--data"]]
+    assert [c[:2] for c in fake.commands if c[:2] != ["factory", "prompts"]] == [
+        ["model", "prepare-default"], ["shards", "verify"], ["train", "--data"]]
+    assert held == [question(x) for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+
+    # More conversations asked for: the factory job runs again (and resumes).
+    fake.commands.clear()
+    run_quality(QualityConfig(workdir=tmp_path, samples=12, heldout=4, epochs=3, token_budget=256, lr=5e-4))
+    assert ["factory", "run"] in [c[:2] for c in fake.commands]
+
+
+def test_too_few_new_held_out_questions_is_an_error_naming_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "Steps", FakeSteps)
+    monkeypatch.setattr(quality, "_question", lambda row: "the same question every time")
+    with pytest.raises(ValueError, match="lower --heldout"):
+        run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4))
 
 
 @pytest.mark.parametrize("eagle_al, eagle_tpf, ngram_tpf, met", [
