@@ -187,3 +187,50 @@ def test_buffer_pool_hands_a_freed_buffer_out_again_and_keeps_a_bounded_amount()
     assert {len(b) for b in big} == {32 << 20}
     del big, again, other
     assert pool._free_bytes <= 40 << 20
+
+
+def _huge_page_bytes(address: int) -> int:
+    """AnonHugePages of the mapping of this process that contains `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+def test_buffer_pool_buffers_are_in_huge_pages_where_the_kernel_offers_them():
+    # 4 KiB pages cut an O_DIRECT read into requests of max_segments pages (~1 MiB on
+    # virtio); huge pages let one request reach max_sectors_kb (README "Shard storage").
+    from shared.stream import BufferPool
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off in this kernel")
+    buffer = BufferPool().acquire(16 << 20)
+    assert buffer.ctypes.data % (2 << 20) == 0
+    assert _huge_page_bytes(buffer.ctypes.data) >= 8 << 20  # populated, and mostly huge
+
+
+def test_buffer_pool_buffers_are_private_to_a_forked_worker():
+    # A forked loader worker inherits the pool's free list; its reads must not land in the
+    # parent's buffers (they would with shared anonymous memory).
+    from shared.stream import BufferPool
+
+    pool = BufferPool()
+    buffer = pool.acquire(1 << 20)
+    buffer[:4096] = 1
+    address = buffer.ctypes.data
+    del buffer  # back in the free list, which the child inherits
+    pid = os.fork()
+    if pid == 0:
+        child = pool.acquire(1 << 20)
+        child[:4096] = 2
+        os._exit(0 if child.ctypes.data == address else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child took another buffer than the parent's free one"
+    again = pool.acquire(1 << 20)
+    assert again.ctypes.data == address and again[:4096].max() == 1
