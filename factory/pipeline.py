@@ -569,7 +569,19 @@ def _existing_report(job: JobConfig) -> dict[str, Any] | None:
     if manifest.info.get("generation", generation) != generation:
         raise FactoryError(f"{job.output.dir} was made with other generation settings "
                            f"({manifest.info['generation']}, now {generation}); use a new output.dir")
-    return manifest.info.get("report") if manifest.complete else None
+    if not manifest.complete:
+        return None
+    report = manifest.info.get("report") or {}
+    rows, done_rows = count_rows(job.input), report.get("input_rows")
+    if done_rows is None or rows <= done_rows:
+        return report
+    # The job's inputs grew (rows appended, a file added, max_samples raised): reopen the data
+    # set; the run skips every sample and quarantined row it already holds.
+    log.info("%s is complete for %d input rows, the job now has %d: reopening it for the new rows",
+             job.output.dir, done_rows, rows)
+    manifest.complete = False
+    save_manifest(job.output.dir, manifest)
+    return None
 
 
 def _check_thinking(job: JobConfig) -> None:

@@ -222,6 +222,31 @@ def test_running_a_finished_job_again_changes_nothing(reference):
     assert json.loads(done.stdout[:done.stdout.rindex("}") + 1]) == reference["report"]
 
 
+def test_a_finished_job_whose_inputs_grew_takes_the_new_rows(tmp_path, smollm_dir, original_inputs):
+    """Rows appended to a finished job's input are not ignored as "already complete": the data
+    set is reopened, the new rows are added once, and it ends as a straight run would."""
+    full = (original_inputs / "a-chitchat.jsonl").read_text().splitlines(keepends=True)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a-chitchat.jsonl").write_text("".join(full[:12]))  # with the broken, odd and duplicate rows
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.toml", smollm_dir, inputs, out, sampling={"keep_original_answers": True})
+    run_job(job)
+    assert load_manifest(out).info["report"]["input_rows"] == 12
+
+    (inputs / "a-chitchat.jsonl").write_text("".join(full))
+    done = run_job(job)
+    assert "reopening it for the new rows" in done.stderr
+    grown = contents(out)
+    assert load_manifest(out).info["report"]["input_rows"] == len(full)
+    assert_each_row_exactly_once(grown, len(full))
+
+    straight = tmp_path / "straight"
+    run_job(write_job(tmp_path / "straight.toml", smollm_dir, inputs, straight,
+                      sampling={"keep_original_answers": True}))
+    assert grown == contents(straight)
+
+
 def test_a_driver_killed_mid_run_resumes_to_the_uninterrupted_data_set(tmp_path, smollm_dir, original_inputs,
                                                                        reference):
     out = tmp_path / "out"
