@@ -49,17 +49,18 @@ class Steps:
     """Runs `specmill` subcommands one subprocess each, logging and timing them; a step whose
     `done` path exists is skipped, so an interrupted run resumes where it stopped."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: logging.Logger = log) -> None:
         self.timings: list[tuple[str, float]] = []
+        self.log = logger
 
     def __call__(self, title: str, *args: str, done: Path | None = None,
                  env: dict[str, str] | None = None) -> str:
         n = len(self.timings) + 1
         if done is not None and done.exists():
-            log.info("step %d: %s (done already: %s)", n, title, done)
+            self.log.info("step %d: %s (done already: %s)", n, title, done)
             self.timings.append((title + " (cached)", 0.0))
             return ""
-        log.info("step %d: %s", n, title)
+        self.log.info("step %d: %s", n, title)
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "shared.cli", *args], check=True,
                              stdout=subprocess.PIPE, text=True, env=env).stdout

@@ -67,7 +67,7 @@ def run_quality(config: QualityConfig) -> dict:
     w = config.workdir
     w.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    step = Steps()
+    step = Steps(log)
     model = step("prepare and verify the default target", "model", "prepare-default").strip().splitlines()[-1]
 
     train_files, heldout = plan_prompts(config, step)

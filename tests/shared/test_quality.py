@@ -38,7 +38,7 @@ def chat(source: str, i: int) -> dict:
 class FakeSteps:
     """Stands in for the `specmill` subprocesses: records each command and writes what it would."""
 
-    def __init__(self, tokens_per_sample: int = 100):
+    def __init__(self, logger=None, tokens_per_sample: int = 100):
         self.timings: list[tuple[str, float]] = []
         self.commands: list[list[str]] = []
         self.tokens_per_sample = tokens_per_sample
@@ -84,7 +84,7 @@ def fake_eval(*, eagle_al, eagle_tpf, ngram_tpf) -> dict:
 def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch,
                                                                                         capsys):
     fake = FakeSteps()
-    monkeypatch.setattr(quality, "Steps", lambda: fake)
+    monkeypatch.setattr(quality, "Steps", lambda logger: fake)
     config = QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=3, token_budget=256, lr=5e-4)
     results = run_quality(config)
 
