@@ -13,8 +13,9 @@ The limits are measured in the same run and the same way:
   right before every warm pass of every format; a format's warm read (best pass) is
   compared to the best of its own interleaved copies.
 - disk: a sequential O_DIRECT read of a file written in this run into one pre-faulted
-  buffer in huge pages (what the stream reads into: `shared.stream.BufferPool`), taken right before and right after every cold read (the disk here drifts by 2x
-  within minutes), and each cold read is compared to the mean of its own two probes.
+  buffer in huge pages (what the stream reads into: `shared.stream.BufferPool`), taken
+  right before and right after every cold read (the disk here drifts by 2x within
+  minutes), and each cold read is compared to the mean of its own two probes.
 
 Warm = the layout's files are in the page cache and the reader is opened afresh (so a
 memory map pays its page faults); cold = after `sync; echo 3 > /proc/sys/vm/drop_caches`.
@@ -449,7 +450,7 @@ class DiskProbe:
         # One page-aligned buffer (O_DIRECT needs alignment), faulted in now: fresh memory
         # right after a cache drop fills slower here and would be charged to the disk. In
         # huge pages, as the stream's buffers are: with 4 KiB pages the block layer cuts
-        # each read into 0.5-1 MiB requests and the probe understated this disk by ~1.5x.
+        # each read into 0.5-1 MiB requests and the probe understated this disk by 1.1-1.5x.
         self._buffer = direct_buffer(_DIRECT_CHUNK)
         self._buffer.write(b"\1" * _DIRECT_CHUNK)
         rng = np.random.default_rng(0)
