@@ -70,13 +70,14 @@ def run_quality(config: QualityConfig) -> dict:
     step = Steps(log)
     model = step("prepare and verify the default target", "model", "prepare-default").strip().splitlines()[-1]
 
-    train_files, heldout = plan_prompts(config, step)
-    n_rows = sum(len(_rows(f)) for f in train_files)
+    train_files, n_rows, heldout = plan_prompts(config, step)
 
     data, run, draft, evaluation = w / "data", w / "train", w / "draft", w / "eval"
+    # Always run: the factory itself returns at once for a finished job, and reopens one whose
+    # inputs grew (a larger --samples) for the new rows only.
     step(f"factory: resample {n_rows} conversations ({config.samples} distinct), capture hidden states",
          "factory", "run", "--model", model, "--prompts", *map(str, train_files), "--out", str(data),
-         "--max-tokens", str(config.max_tokens), done=data / "manifest.json" if _complete(data, n_rows) else None)
+         "--max-tokens", str(config.max_tokens))
     step("verify the shards", "shards", "verify", str(data))
     manifest = json.loads((data / "manifest.json").read_text())
     steps = math.ceil(config.epochs * manifest_tokens(manifest) / config.token_budget)
@@ -97,12 +98,12 @@ def run_quality(config: QualityConfig) -> dict:
     return results
 
 
-def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], Path]:
+def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, Path]:
     """Write the training prompts (evals + chitchat, the chitchat share grown until the two hold
     `samples` distinct conversations: chitchat repeats some short chats, which the factory
     quarantines as duplicates) and the held-out ones: the prompts that follow the training ones
     in each package, leaving out any whose question (the turns before the first answer) a
-    training conversation also starts with. Returns (training files, held-out file)."""
+    training conversation also starts with. Returns (training files, their rows, held-out file)."""
     w = config.workdir
     evals, chitchat = w / "train-evals.jsonl", w / "train-chitchat.jsonl"
 
@@ -134,7 +135,7 @@ def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], Path]:
         kept += fresh[:want]
     heldout = w / "heldout.jsonl"
     atomic_write_bytes(heldout, "".join(r + "\n" for r in kept).encode())
-    return [evals, chitchat], heldout
+    return [evals, chitchat], len(rows), heldout
 
 
 def _rows(path: Path) -> list[str]:
@@ -147,16 +148,6 @@ def _question(row: str) -> str:
     messages = json.loads(row)["messages"]
     first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     return json.dumps(messages[:first_answer], sort_keys=True)
-
-
-def _complete(data: Path, input_rows: int) -> bool:
-    """The data set is finished and was made from `input_rows` prompt rows (not an earlier, smaller plan)."""
-    try:
-        manifest = json.loads((data / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    report = manifest.get("info", {}).get("report", {})
-    return bool(manifest.get("complete")) and report.get("input_rows") == input_rows
 
 
 def manifest_tokens(manifest: dict) -> int:

@@ -113,18 +113,20 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     assert json.loads((tmp_path / "quality.json").read_text())["data"]["tokens"] == 1000
     assert "met" in capsys.readouterr().out
 
-    # Run again: the data set, export and evaluation exist, so they are not made again (the
-    # prompts are rewritten, identically; the trainer resumes and finds nothing to do).
+    # Run again: the export and evaluation exist, so they are not made again (the prompts are
+    # rewritten, identically; the factory and the trainer find their work done and return).
     fake.commands.clear()
     run_quality(config)
     assert [c[:2] for c in fake.commands if c[:2] != ["factory", "prompts"]] == [
-        ["model", "prepare-default"], ["shards", "verify"], ["train", "--data"]]
+        ["model", "prepare-default"], ["factory", "run"], ["shards", "verify"], ["train", "--data"]]
     assert held == [question(x) for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
 
-    # More conversations asked for: the factory job runs again (and resumes).
+    # More conversations asked for: the factory job is given the grown prompt files.
     fake.commands.clear()
     run_quality(QualityConfig(workdir=tmp_path, samples=12, heldout=4, epochs=3, token_budget=256, lr=5e-4))
-    assert ["factory", "run"] in [c[:2] for c in fake.commands]
+    run = next(c for c in fake.commands if c[:2] == ["factory", "run"])
+    rows = sum(len(Path(p).read_text().splitlines()) for p in run[run.index("--prompts") + 1:run.index("--out")])
+    assert rows == 13  # 6 evals + 7 chitchat (one repeat)
 
 
 def test_too_few_new_held_out_questions_is_an_error_naming_the_setting(tmp_path, monkeypatch):
