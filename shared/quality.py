@@ -72,7 +72,11 @@ def run_quality(config: QualityConfig) -> dict:
 
     train_files, n_rows, heldout = plan_prompts(config, step)
 
-    data, run, draft, evaluation = w / "data", w / "train", w / "draft", w / "eval"
+    # The data set depends on the prompts only; the draft and its evaluation on every setting
+    # below, so a run with other settings (say --epochs 8) trains and evaluates afresh beside it.
+    tag = (f"e{config.epochs:g}-lr{config.lr:g}-b{config.token_budget}-ttt{config.ttt_steps}-{config.precision}"
+           f"-k{config.k}-mt{config.max_tokens}-h{config.heldout}")
+    data, run, draft, evaluation = w / "data", w / tag / "train", w / tag / "draft", w / tag / "eval"
     # Always run: the factory itself returns at once for a finished job, and reopens one whose
     # inputs grew (a larger --samples) for the new rows only.
     step(f"factory: resample {n_rows} conversations ({config.samples} distinct), capture hidden states",
@@ -93,7 +97,8 @@ def run_quality(config: QualityConfig) -> dict:
 
     results = summarize(config, manifest, json.loads((evaluation / "eval.json").read_text()), steps,
                         step.timings, time.monotonic() - started)
-    atomic_write_bytes(w / "quality.json", (json.dumps(results, indent=1) + "\n").encode())
+    for path in (w / tag / "quality.json", w / "quality.json"):  # this run's, and the latest
+        atomic_write_bytes(path, (json.dumps(results, indent=1) + "\n").encode())
     print(format_report(results))
     return results
 

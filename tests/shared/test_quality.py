@@ -64,11 +64,11 @@ class FakeSteps:
                 "complete": True, "shards": [{"rows": 10, "tokens": 10 * self.tokens_per_sample}],
                 "info": {"report": {"input_rows": rows, "loss_tokens": 400, "quarantined": rows - 10}}}))
         elif args[0] == "export":
-            Path(opt("--out")).mkdir()
+            Path(opt("--out")).mkdir(parents=True)
             (Path(opt("--out")) / "config.json").write_text("{}")
         elif args[0] == "eval":
             out = Path(opt("--out"))
-            out.mkdir()
+            out.mkdir(parents=True)
             (out / "eval.json").write_text(json.dumps(fake_eval(eagle_al=2.2, eagle_tpf=2.1, ngram_tpf=1.2)))
         return ""
 
@@ -120,6 +120,12 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     assert [c[:2] for c in fake.commands if c[:2] != ["factory", "prompts"]] == [
         ["model", "prepare-default"], ["factory", "run"], ["shards", "verify"], ["train", "--data"]]
     assert held == [question(x) for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+
+    # Other training settings: a fresh draft and evaluation beside the first, on the same data.
+    fake.commands.clear()
+    run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=8, token_budget=256, lr=5e-4))
+    assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval"]
+    assert len(list(tmp_path.glob("*/quality.json"))) == 2
 
     # More conversations asked for: the factory job is given the grown prompt files.
     fake.commands.clear()
