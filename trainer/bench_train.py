@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import resolve_precision
+from trainer.config import PRECISIONS, resolve_precision
 
 log = logging.getLogger("specmill.trainer")
 
@@ -234,7 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="steps left out at the start of each measurement")
     p.add_argument("--rounds", type=int, default=None, help="loop/compute pairs, alternating which goes first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="auto: bf16 autocast on a GPU or a CPU with bf16 matrix instructions (AMX, "
                         "AVX512-BF16), fp32 on other CPUs")
     p.add_argument("--workdir", type=Path, default=None, help="keep runs here (default: a temporary directory)")
