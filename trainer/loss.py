@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from trainer.config import TTTConfig
 from trainer.data import Batch
-from trainer.model import Eagle3Draft
+from trainer.model import Eagle3Draft, Segments
 from trainer.target import TargetHead
 
 # Positions per chunk when computing full-vocab target logits (bounds memory at chunk x V).
@@ -60,16 +60,23 @@ class TTTOutput:
 
 @torch.no_grad()
 def target_distribution(head: TargetHead, last_hidden_state: torch.Tensor, draft: Eagle3Draft) -> TargetDist:
-    """p_j for every position j, from the stored last hidden state through the target's head."""
-    draft_ids = draft.draft_ids  # [N]
+    """p_j for every position j, from the stored last hidden state through the target's head.
+
+    The target's top-1 is a draft id iff the best draft-vocab logit is at least the best of the
+    rest (a tie counts as in the vocabulary)."""
+    device = last_hidden_state.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+        else head.lm_head_weight.dtype
+    w_draft, w_rest = head.split(draft.draft_ids, dtype)
     probs, top1, in_vocab = [], [], []
     flat = last_hidden_state.flatten(0, -2)  # [B*L, H]
     for chunk in flat.split(TARGET_CHUNK):
-        logits = head(chunk).float()  # [c, V]
-        best = logits.argmax(-1)  # [c] target top-1
-        in_vocab.append(draft.t2d[best])
-        top1.append(torch.searchsorted(draft_ids, best).clamp_max(draft_ids.numel() - 1))
-        probs.append(torch.softmax(logits[:, draft_ids], dim=-1))  # [c, N]
+        h = head.normed(chunk).to(dtype)
+        logits = h @ w_draft.T  # [c, N]
+        best, top = logits.max(-1)
+        in_vocab.append(best >= (h @ w_rest.T).amax(-1) if len(w_rest) else torch.ones_like(top, dtype=torch.bool))
+        top1.append(top)
+        probs.append(torch.softmax(logits.float(), dim=-1))  # [c, N]
     shape = last_hidden_state.shape[:-1]
     return TargetDist(probs=torch.cat(probs).view(*shape, -1), top1=torch.cat(top1).view(shape),
                       in_vocab=torch.cat(in_vocab).view(shape))
@@ -81,23 +88,15 @@ def shift_left(x: torch.Tensor, n: int, fill: float | int | bool) -> torch.Tenso
     return torch.cat([x[:, n:], pad], dim=1)
 
 
-def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, L, L]: query t sees key t' iff t' <= t within the same packed sample."""
-    l = doc_ids.shape[1]
-    causal = torch.ones(l, l, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (causal & same)[:, None]
-
-
-def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int) -> list[torch.Tensor]:
+def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int, segments: Segments | None = None) -> list[torch.Tensor]:
     """Run the draft `steps` times; returns h^{s+1} (the pre-norm output of step s), each [B, L, H]."""
-    prefix_mask = block_causal_mask(batch.doc_ids)  # [B, 1, L, L]
+    segments = segments or Segments.of(batch.doc_ids)
     hidden = draft.fuse(batch.aux_hidden_states)  # h^0 = fc(aux): [B, L, H]
     cache: list = []
     outputs = []
     for s in range(steps):
         tokens = shift_left(batch.input_ids, 1 + s, 0)  # x_{t+1+s}: [B, L]
-        hidden = draft.layer(draft.embed(tokens), hidden, batch.position_ids + s, cache, prefix_mask)
+        hidden = draft.layer(draft.embed(tokens), hidden, batch.position_ids + s, cache, segments)
         outputs.append(hidden)
     return outputs
 

@@ -117,6 +117,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # A TTT cache: the (key, value) of every unroll step so far, each [B, kv_heads, L, hd].
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
+# Packed rows are attended in segments cut at sample boundaries, so the scores are [n, n] per
+# segment of about this many tokens rather than [L, L] per row (attention never crosses samples,
+# so nothing changes but the work: at L = 2048 the whole-row scores were most of a CPU step).
+SEGMENT_TOKENS = 512
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L]: query t sees key t' iff t' <= t within the same packed sample."""
+    l = doc_ids.shape[1]
+    causal = torch.ones(l, l, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same)[:, None]
+
+
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """Where a packed batch is cut for attention: spans (row, start, end) that end at sample
+    boundaries and hold about `max_tokens` tokens (a longer sample is one span of its own),
+    each with its block-causal mask [1, 1, n, n]. Built once per batch, used by every step."""
+
+    spans: tuple[tuple[int, int, int], ...]
+    masks: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, doc_ids: torch.Tensor, max_tokens: int = SEGMENT_TOKENS) -> Segments:
+        spans = []
+        for row, ids in enumerate(doc_ids):
+            start = end = 0
+            for n in torch.unique_consecutive(ids, return_counts=True)[1].tolist():
+                if end > start and end + n - start > max_tokens:
+                    spans.append((row, start, end))
+                    start = end
+                end += n
+            spans.append((row, start, end))
+        return cls(spans=tuple(spans), masks=tuple(block_causal_mask(doc_ids[r:r + 1, a:e]) for r, a, e in spans))
+
 
 class Eagle3Attention(nn.Module):
     def __init__(self, arch: DraftArch):
@@ -129,11 +165,11 @@ class Eagle3Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * hd, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                prefix_mask: torch.Tensor) -> torch.Tensor:
+                segments: Segments) -> torch.Tensor:
         """Attention of unroll step s = len(cache) (this call appends step s's k/v).
 
         Position t at step s attends to
-          - step 0 keys at positions t' <= t of its own document  (prefix_mask [B, 1, L, L]), and
+          - step 0 keys at positions t' <= t of its own document  (segments' masks), and
           - the keys of steps 1..s at the same position t         (the "diagonal" of each step),
         i.e. exactly what the draft's KV cache holds at inference when it drafts its (s+1)-th
         token after position t: the prefix it processed on the target's features, then its
@@ -148,17 +184,28 @@ class Eagle3Attention(nn.Module):
         group = self.heads // self.kv_heads
         keys = [kk.repeat_interleave(group, dim=1) for kk, _ in cache]  # each [B, nh, L, hd]
         values = [vv.repeat_interleave(group, dim=1) for _, vv in cache]
-        scale = 1.0 / math.sqrt(self.head_dim)
-        # scores over the step-0 prefix: [B, nh, L, L]; over each later step's own position: [B, nh, L, s]
-        prefix = (q @ keys[0].transpose(-1, -2)) * scale
-        prefix = prefix.masked_fill(~prefix_mask, float("-inf"))
-        diag = [(q * kk).sum(-1, keepdim=True) * scale for kk in keys[1:]]
-        probs = torch.softmax(torch.cat([prefix, *diag], dim=-1).float(), dim=-1).to(q.dtype)  # [B, nh, L, L+s]
-        out = probs[..., :l] @ values[0]  # [B, nh, L, hd]
-        for j, vv in enumerate(values[1:]):
-            out = out + probs[..., l + j, None] * vv
+        rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for (r, a, e), mask in zip(segments.spans, segments.masks):
+            rows[r].append(self._attend(q[r:r + 1, :, a:e], [kk[r:r + 1, :, a:e] for kk in keys],
+                                        [vv[r:r + 1, :, a:e] for vv in values], mask))
+        out = torch.cat([torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0] for pieces in rows])
         out = out.transpose(1, 2).reshape(b, l, self.heads * self.head_dim)
         return self.o_proj(out)  # [B, L, H]
+
+    def _attend(self, q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+        """One segment: q [1, nh, n, hd]; keys/values of steps 0..s, each [1, nh, n, hd]; mask [1, 1, n, n]."""
+        n = q.shape[2]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        # scores over the step-0 prefix: [1, nh, n, n]; over each later step's own position: [1, nh, n, 1]
+        prefix = (q @ keys[0].transpose(-1, -2)) * scale
+        prefix = prefix.masked_fill(~mask, float("-inf"))
+        diag = [(q * kk).sum(-1, keepdim=True) * scale for kk in keys[1:]]
+        probs = torch.softmax(torch.cat([prefix, *diag], dim=-1).float(), dim=-1).to(q.dtype)  # [1, nh, n, n+s]
+        out = probs[..., :n] @ values[0]  # [1, nh, n, hd]
+        for j, vv in enumerate(values[1:]):
+            out = out + probs[..., n + j, None] * vv
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -183,10 +230,10 @@ class Eagle3DecoderLayer(nn.Module):
         self.mlp = SwiGLU(h, arch.intermediate_size)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache, prefix_mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache, segments: Segments) -> torch.Tensor:
         # embeds, hidden: [B, L, H]; attention reads both (2H), the residual stream is hidden.
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, L, 2H]
-        h = hidden + self.self_attn(x, cos, sin, cache, prefix_mask)
+        h = hidden + self.self_attn(x, cos, sin, cache, segments)
         return h + self.mlp(self.post_attention_layernorm(h))  # [B, L, H], before the final norm
 
 
@@ -238,9 +285,9 @@ class Eagle3Draft(nn.Module):
         return F.embedding(input_ids, self.embed_tokens).to(self.fc.weight.dtype)  # [B, L, H]
 
     def layer(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-              prefix_mask: torch.Tensor) -> torch.Tensor:
+              segments: Segments) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        return self.midlayer(embeds, hidden, cos, sin, cache, prefix_mask)
+        return self.midlayer(embeds, hidden, cos, sin, cache, segments)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # [..., draft_vocab]

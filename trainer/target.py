@@ -132,11 +132,29 @@ class TargetHead(nn.Module):
         self.register_buffer("norm_weight", weights.norm, persistent=False)
         self.register_buffer("lm_head_weight", weights.lm_head, persistent=False)
 
+        self._split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.normed(last_hidden_state) @ self.lm_head_weight.T  # [..., V]
+
+    def normed(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """What the head multiplies: norm(h) for a pre-norm h, else h, in the head's dtype."""
         h = last_hidden_state  # [..., H]
         if self.pre_norm:
             h = rms_norm(h.to(self.norm_weight.dtype), self.norm_weight, self.eps)
-        return h.to(self.lm_head_weight.dtype) @ self.lm_head_weight.T  # [..., V]
+        return h.to(self.lm_head_weight.dtype)
+
+    def split(self, draft_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the lm_head rows of draft_ids [N, H], the other rows [V - N, H]) in `dtype`, made
+        once: logits over the draft vocab and the best logit outside it are two matmuls that
+        together cost one full-vocab matmul, with no [*, V] gather and no per-call weight cast."""
+        cached = self._split
+        if cached is None or cached[0].dtype != dtype or not torch.equal(cached[2], draft_ids):
+            rest = torch.ones(self.lm_head_weight.shape[0], dtype=torch.bool, device=draft_ids.device)
+            rest[draft_ids] = False
+            w = self.lm_head_weight.to(dtype)
+            self._split = cached = (w[draft_ids].contiguous(), w[rest].contiguous(), draft_ids.clone())
+        return cached[0], cached[1]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

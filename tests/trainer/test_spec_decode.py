@@ -18,8 +18,7 @@ import torch
 
 from trainer.config import DraftConfig
 from trainer.export import eagle_config, export_eagle, load_exported
-from trainer.loss import block_causal_mask
-from trainer.model import DraftArch, Eagle3Draft
+from trainer.model import DraftArch, Eagle3Draft, Segments
 from trainer.spec_decode import EagleProposer, NgramProposer, NoProposer, SpecStats, Target, generate
 from trainer.target import TargetArch
 from trainer.train import train
@@ -161,10 +160,10 @@ def draft_proposals_from_scratch(model, draft: Eagle3Draft, tokens: list[int]) -
         aux = torch.stack([states[i] for i in AUX_IDS], 2)  # [1, n-1, 3, H]: positions 0..n-2
         ids = torch.tensor([tokens[1:]])  # step 0's token at t: x_{t+1}
         positions = torch.arange(ids.shape[1])[None]
-        mask = block_causal_mask(torch.zeros_like(ids))
+        segments = Segments.of(torch.zeros_like(ids))
         hidden, cache, proposals = draft.fuse(aux), [], []
         for s in range(K):
-            hidden = draft.layer(draft.embed(ids), hidden, positions + s, cache, mask)
+            hidden = draft.layer(draft.embed(ids), hidden, positions + s, cache, segments)
             best = int(draft.logits(hidden[0, -1]).argmax())
             proposals.append(best + int(draft.d2t[best]))
             ids = ids.clone()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from trainer.config import DraftConfig, TTTConfig
 from trainer.data import Batch, Position
 from trainer.loss import acceptance_length, counted_positions, target_distribution, ttt_loss, ttt_unroll
-from trainer.model import DraftArch, Eagle3Draft
+from trainer.model import DraftArch, Eagle3Draft, Segments
 from trainer.target import TargetArch, TargetHead, TargetWeights
 from trainer.vocab import build_vocab
 from trainer_fixtures import HIDDEN, VOCAB, tiny_llama_config
@@ -123,6 +123,35 @@ def test_packed_samples_do_not_see_each_other():
         torch.testing.assert_close(together[s][0, 20:], alone_b[s][0], atol=1e-5, rtol=1e-5)
 
 
+def test_segments_cut_at_sample_boundaries():
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate([7, 30, 5, 12, 9])])[None]
+    assert Segments.of(doc_ids, max_tokens=17).spans == ((0, 0, 7), (0, 7, 37), (0, 37, 54), (0, 54, 63))
+    assert Segments.of(doc_ids, max_tokens=1000).spans == ((0, 0, 63),)
+    two_rows = torch.stack([doc_ids[0, :20], doc_ids[0, 20:40]])
+    assert Segments.of(two_rows, max_tokens=8).spans == ((0, 0, 7), (0, 7, 20), (1, 0, 17), (1, 17, 20))
+    mask = Segments.of(doc_ids, max_tokens=17).masks[2]  # samples 2 and 3 (5 and 12 tokens)
+    assert mask.shape == (1, 1, 17, 17)
+    assert mask[0, 0, 6, :6].tolist() == [False] * 5 + [True] and mask[0, 0, 4, :6].tolist() == [True] * 5 + [False]
+
+
+def test_attending_in_segments_changes_nothing_but_the_work():
+    """Segment-wise attention equals whole-row attention, forward and backward."""
+    lengths = [7, 30, 5, 12, 9]
+    batch = make_batch(lengths, seed=4)
+    results = []
+    for max_tokens in (10**6, 16, 1):
+        draft = make_draft()
+        outs = ttt_unroll(draft, batch, K, Segments.of(batch.doc_ids, max_tokens=max_tokens))
+        sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs).backward()
+        results.append((outs, {n: p.grad for n, p in draft.named_parameters()}))
+    (whole, whole_grads), *cut = results
+    for outs, grads in cut:
+        for s in range(K):
+            torch.testing.assert_close(outs[s], whole[s], atol=1e-5, rtol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, whole_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_counted_positions_follow_the_shift_and_the_masks():
     draft, batch = make_draft(), make_batch([10, 6])
     batch.loss_mask[0, 4] = False  # token x_4 is not learned: no step predicts it
@@ -134,6 +163,29 @@ def test_counted_positions_follow_the_shift_and_the_masks():
         # step s at position t predicts x_{t+2+s}: sample 0 spans 0..9, sample 1 spans 10..15
         expected = [t + 2 + s <= 9 and t + 2 + s != 4 for t in range(10)] + [t + 2 + s <= 15 for t in range(10, 16)]
         assert counted.tolist() == expected, f"step {s}"
+
+
+def test_target_distribution_over_a_pruned_draft_vocab_equals_the_full_head_restricted():
+    torch.manual_seed(5)
+    n = VOCAB // 3
+    arch = DraftArch(hidden_size=HIDDEN, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+                     max_position_embeddings=512, vocab_size=VOCAB, draft_vocab_size=n)
+    draft = Eagle3Draft(arch)
+    weights = TargetWeights(embed=torch.randn(VOCAB, HIDDEN), norm=torch.rand(HIDDEN) + 0.5,
+                            lm_head=torch.randn(VOCAB, HIDDEN))
+    counts = {i: int(c) for i, c in enumerate(torch.randint(1, 100, (VOCAB,)))}
+    draft.init_from_target(weights, build_vocab(counts, target_vocab_size=VOCAB, draft_vocab_size=n))
+    head = TargetHead(weights, eps=1e-6, pre_norm=True)
+    last = torch.randn(2, 40, HIDDEN)
+    target = target_distribution(head, last, draft)
+    full = head(last)  # [2, 40, V]
+    best = full.argmax(-1)
+    ids = draft.draft_ids
+    assert 0 < int(draft.t2d[best].sum()) < best.numel()  # both cases occur
+    assert torch.equal(target.in_vocab, draft.t2d[best])
+    assert torch.equal(ids[target.top1][target.in_vocab], best[target.in_vocab])
+    torch.testing.assert_close(target.probs, torch.softmax(full[..., ids], -1))
 
 
 def test_loss_is_weighted_soft_cross_entropy_against_the_shifted_target():
