@@ -137,12 +137,19 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
+# Identity fields added after checkpoints were first written, each with the value that
+# describes how the older checkpoints without it were trained: such a checkpoint resumes
+# when this run has that value, and is refused (naming the field) otherwise.
+FIELDS_ADDED_LATER: dict[str, Any] = {"data.micro_batches": 1, "distributed.strategy": "ddp", "precision": "fp32"}
+
+
 def check_compatible(saved: dict[str, Any], now: dict[str, Any], *, path: Path) -> None:
     """Refuse a checkpoint whose identity (config fields that define the training, the data
     set fingerprint, the target fingerprint) differs from this run's, naming each difference."""
     diffs = []
     for key in sorted(set(saved["identity"]) | set(now["identity"])):
-        a, b = saved["identity"].get(key, "<absent>"), now["identity"].get(key, "<absent>")
+        a = saved["identity"].get(key, FIELDS_ADDED_LATER.get(key, "<absent>"))
+        b = now["identity"].get(key, "<absent>")
         if a != b:
             diffs.append(f"config {key}: checkpoint {a!r} != now {b!r}")
     for key, what in (("dataset_fingerprint", "data set"), ("target_fingerprint", "target model")):

@@ -86,8 +86,9 @@ class DataConfig:
 
     path: Path | str  # a directory, or a URI (s3://..., see shared/storage.py) kept as written
     # Tokens in one packed batch (samples are concatenated until the next would not fit).
-    # The TTT attention keeps k score matrices of heads x L x L for the backward pass
-    # (~35 GB at L = 4096 for a Llama-8B-sized draft, k = 7): raise it with care.
+    # Attention is computed in segments of ~512 tokens cut at sample boundaries
+    # (model.SEGMENT_TOKENS), so its score memory grows with L x 512, not L x L; a sample
+    # longer than 512 tokens is a segment of its own (its n x n scores, k of them for backward).
     token_budget: int = 4096
     # Longer samples are cut to their first max_seq_len tokens; None = token_budget.
     max_seq_len: int | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import CheckpointMismatch, STATE_FILE, latest_checkpoint, read_meta
+from trainer.checkpoint import CheckpointMismatch, META_FILE, STATE_FILE, latest_checkpoint, read_meta
 from trainer.train import train
 from trainer_fixtures import run_config
 
@@ -89,6 +89,22 @@ def test_a_checkpoint_from_another_config_or_data_set_is_refused(tmp_path, synth
         train(run_config(out, real_data, tiny_target))
     # run-control settings may change: a longer logging interval resumes fine
     assert train(run_config(out, synth_data, tiny_target, steps=30, stop_after=3, log_every=5)).step == 3
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_with_that_fields_old_behaviour(
+        tmp_path, synth_data, tiny_target):
+    out = tmp_path / "run"
+    first = train(run_config(out, synth_data, tiny_target, stop_after=2, precision="fp32"))
+    meta_file = first.checkpoint / META_FILE
+    meta = json.loads(meta_file.read_text())
+    for field in ("precision", "data.micro_batches"):  # as a checkpoint written before they existed
+        del meta["identity"][field]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatch, match="precision: checkpoint 'fp32' != now 'bf16'"):
+        train(run_config(out, synth_data, tiny_target, stop_after=3, precision="bf16"))
+    with pytest.raises(CheckpointMismatch, match="data.micro_batches: checkpoint 1 != now 2"):
+        train(run_config(out, synth_data, tiny_target, stop_after=3, precision="fp32", **{"data.micro_batches": 2}))
+    assert train(run_config(out, synth_data, tiny_target, stop_after=3, precision="fp32")).step == 3
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_data, tiny_target):
