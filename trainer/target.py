@@ -131,7 +131,6 @@ class TargetHead(nn.Module):
         self.eps, self.pre_norm = eps, pre_norm
         self.register_buffer("norm_weight", weights.norm, persistent=False)
         self.register_buffer("lm_head_weight", weights.lm_head, persistent=False)
-
         self._split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
