@@ -15,6 +15,7 @@ whose output exists is not run again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,9 @@ class QualityConfig:
     precision: str = "auto"
     heldout: int = 64  # evaluation prompts, half from each package
     k: int = 3
+    # Warm start: the draft starts from this exported draft (say an earlier run's) instead of
+    # the target's head; see the trainer's draft.init.
+    init: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("samples", "max_tokens", "token_budget", "ttt_steps", "heldout", "k"):
@@ -55,6 +59,8 @@ class QualityConfig:
             raise ValueError("bench quality: --samples and --heldout must be at least 2 (one per package)")
         if not self.epochs > 0 or not self.lr > 0:
             raise ValueError(f"bench quality: epochs and lr must be positive, got {self.epochs} and {self.lr}")
+        if self.init is not None and not (Path(self.init) / "model.safetensors").is_file():
+            raise ValueError(f"bench quality: --init {self.init} is not an exported draft (no model.safetensors)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"bench quality: precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -76,6 +82,9 @@ def run_quality(config: QualityConfig) -> dict:
     # below, so a run with other settings (say --epochs 8) trains and evaluates afresh beside it.
     tag = (f"e{config.epochs:g}-lr{config.lr:g}-b{config.token_budget}-ttt{config.ttt_steps}-{config.precision}"
            f"-k{config.k}-mt{config.max_tokens}-h{config.heldout}")
+    if config.init is not None:  # named by its weights, so another init never reuses this run
+        with open(Path(config.init) / "model.safetensors", "rb") as f:
+            tag += "-init" + hashlib.file_digest(f, "sha256").hexdigest()[:10]
     data, run, draft, evaluation = w / "data", w / tag / "train", w / tag / "draft", w / tag / "eval"
     # Always run: the factory itself returns at once for a finished job, and reopens one whose
     # inputs grew (a larger --samples) for the new rows only.
@@ -88,7 +97,8 @@ def run_quality(config: QualityConfig) -> dict:
     step(f"train the draft ({steps} steps = {config.epochs:g} epochs at {config.token_budget} tokens)", "train",
          "--data", str(data), "--target", model, "--out", str(run), "--steps", str(steps), "--lr", str(config.lr),
          "--token-budget", str(config.token_budget), "--ttt-steps", str(config.ttt_steps),
-         "--precision", config.precision, "--log-every", "50")  # resumes; nothing to do if done
+         "--precision", config.precision, "--log-every", "50",  # resumes; nothing to do if done
+         *(("--init", str(config.init)) if config.init is not None else ()))
     step("export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(draft),
          done=draft / "config.json")
     step(f"evaluate in vLLM on {config.heldout} held-out prompts: none vs eagle3 (k={config.k}) vs n-gram", "eval",
@@ -193,6 +203,8 @@ def format_report(r: dict) -> str:
              f"  data: {d['conversations']} conversations -> {d['samples']} samples, {d['tokens']} tokens "
              f"({d['loss_tokens']} trained), {d['quarantined']} quarantined; {r['train_steps']} train steps; "
              f"{d['heldout_prompts']} held-out prompts", ""]
+    if r["config"].get("init"):
+        lines[-1:-1] = [f"  the draft started from {r['config']['init']} (--init)"]
     lines += [f"  {s:8.1f} s  {title}" for title, s in r["seconds"].items()]
     lines += ["", f"  {'way':<8} {'accept len':>10} {'tok/forward':>11} {'per position':>22} {'tok/s':>7} {'speedup':>8}"]
     for name, w in r["ways"].items():
@@ -218,6 +230,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("k", int)):
         default = QualityConfig.__dataclass_fields__[name].default
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")
+    p.add_argument("--init", type=Path, default=None, metavar="DRAFT",
+                   help="start the draft from this exported draft, e.g. an earlier run's (default: the target's head)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-seq-len": ("data.max_seq_len", int, "cut longer samples to this many tokens"),
     "--val-samples": ("data.val_samples", int, "samples held out for validation"),
     "--draft-vocab-size": ("draft.draft_vocab_size", int, "draft vocabulary size (top-N loss-masked ids)"),
+    "--init": ("draft.init", Path, "start from this exported draft (warm start; its shape must be this run's)"),
     "--ttt-steps": ("ttt.steps", int, "training-time-test unroll length k"),
     "--log-every": ("log_every", int, "log every N steps"),
     "--eval-every": ("eval_every", int, "validate every N steps"),

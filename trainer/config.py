@@ -6,7 +6,7 @@ only function that reads TOML. Each component receives its own section:
     out = "runs/llama-eagle3"        steps = 20000        seed = 0
     [target]     path = "/models/Llama-3.1-8B-Instruct"
     [data]       path = "/data/shards"   token_budget = 4096   val_samples = 256
-    [draft]      draft_vocab_size = 32000
+    [draft]      draft_vocab_size = 32000   init = "runs/earlier/draft"  (optional warm start)
     [ttt]        steps = 7   step_decay = 0.8
     [optim]      lr = 1e-4   grad_clip = 0.5
     [checkpoint] every = 500 keep = 2
@@ -39,6 +39,7 @@ STRATEGIES = ("ddp", "fsdp")
 RUN_CONTROL_FIELDS = frozenset({
     "out", "device", "stop_after", "log_every", "eval_every", "progress",
     "target.path", "data.path", "data.prefetch", "checkpoint.every", "checkpoint.keep",
+    "draft.init",  # identified by its weights' digest (init_sha256), not its path
 })
 
 
@@ -121,12 +122,21 @@ class DraftConfig:
 
     # Capped at the number of distinct loss-masked ids in the data set (see vocab.py).
     draft_vocab_size: int = 32000
+    # Start from this exported draft (specmill export, either format) instead of the target's
+    # head: its layer, fc and norm as they are, its lm_head rows for the draft ids it shares
+    # with this data set's draft vocab (the other rows start from the target's lm_head, as
+    # without it). Its shape must be this run's; the optimizer and schedule start afresh.
+    init: Path | None = None
     intermediate_size: int | None = None
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None
 
     def __post_init__(self) -> None:
+        if self.init is not None:
+            if str(self.init) == "" or is_uri(self.init):
+                raise ConfigError(f"draft.init must be a local export directory, got {self.init!r}")
+            self.init = Path(self.init)
         _positive("draft.", self, "draft_vocab_size", "intermediate_size", "num_attention_heads",
                   "num_key_value_heads", "head_dim")
         if self.num_attention_heads and self.num_key_value_heads:
@@ -294,7 +304,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # --------------------------------------------------------------------------- internals
 
-_PATH_KEYS = (("out",), ("target", "path"), ("data", "path"))
+_PATH_KEYS = (("out",), ("target", "path"), ("data", "path"), ("draft", "init"))
 
 
 def is_uri(path: Any) -> bool:

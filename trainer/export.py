@@ -22,6 +22,7 @@ the residual entering layer i + 1) are shifted by one so the export is always in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -106,6 +107,7 @@ def specmill_info(meta: dict[str, Any]) -> dict[str, Any]:
         "dataset_aux_layer_convention": meta["aux_layer_convention"],
         "dataset_fingerprint": meta["dataset_fingerprint"],
         "ttt_steps": meta["config"]["ttt"]["steps"],
+        "init": meta.get("init"),  # the exported draft this one started from (draft.init), if any
     }
 
 
@@ -270,3 +272,53 @@ def load_exported(directory: Path, *, dtype: torch.dtype = torch.float32) -> Eag
     model = Eagle3Draft(arch)
     model.load_state_dict({k: v if k in ("d2t", "t2d") else v.to(dtype) for k, v in state.items()}, strict=True)
     return model.to(dtype)
+
+
+def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
+               aux_layer_convention: str) -> dict[str, Any]:
+    """Load an exported draft (either format) into `model`, a draft freshly initialised for
+    this run (`init_from_target`): the decoder layer, fc and norm are taken as they are; of
+    lm_head, the rows of the target ids both draft vocabularies hold (the others keep the
+    target's rows, and d2t/t2d stay this run's vocab). The export must have this run's shape
+    and read the same aux layers. Returns what was carried over."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+        raise ValueError(f"draft.init {directory}: not an exported draft (needs config.json and model.safetensors, "
+                         "as `specmill export` writes)")
+    try:
+        source = load_exported(directory)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"draft.init {directory}: cannot be read as an EAGLE-3 draft: {e}") from None
+    mine, theirs = model.arch.to_dict(), source.arch.to_dict()
+    differ = [f"{k} {theirs[k]!r} (run: {mine[k]!r})" for k in mine if k != "draft_vocab_size" and mine[k] != theirs[k]]
+    if differ:
+        raise ValueError(f"draft.init {directory}: the draft has another shape than this run's: {'; '.join(differ)}; "
+                         "set the draft.* sizes to the init's or train from the target's head")
+    config = json.loads((directory / "config.json").read_text())
+    theirs_aux = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
+        or config.get("eagle_aux_hidden_state_layer_ids")
+    mine_aux = vllm_aux_layer_ids(aux_layer_ids, aux_layer_convention)
+    if theirs_aux is not None and list(theirs_aux) != mine_aux:
+        raise ValueError(f"draft.init {directory}: trained on aux layers {list(theirs_aux)}, this data set has "
+                         f"{mine_aux} (vLLM numbering): its fc would read other layers")
+    state = source.state_dict()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if name not in ("lm_head.weight", "d2t", "t2d"):
+                value.copy_(state[name])
+        # row r of theirs is target id their_ids[r]; map each of our draft ids to its row, if any
+        their_row = torch.full((model.arch.vocab_size,), -1, dtype=torch.long)
+        their_row[source.draft_ids] = torch.arange(source.arch.draft_vocab_size)
+        rows = their_row[model.draft_ids.cpu()]
+        shared = rows >= 0
+        lm_head = model.lm_head.weight
+        lm_head[shared.to(lm_head.device)] = state["lm_head.weight"][rows[shared]].to(lm_head)
+    carried = int(shared.sum())
+    log.info("draft.init %s: layer, fc and norm loaded; lm_head rows for %d of this run's %d draft ids "
+             "(the init has %d), the other %d from the target's head", directory, carried,
+             model.arch.draft_vocab_size, source.arch.draft_vocab_size, model.arch.draft_vocab_size - carried)
+    with open(directory / "model.safetensors", "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(directory), "sha256": digest,
+            "lm_head_rows_carried": carried, "init_draft_vocab_size": source.arch.draft_vocab_size}
+

@@ -25,6 +25,7 @@ from trainer.config import OptimConfig, TrainConfig, TTTConfig, resolve_precisio
 from trainer.data import Batch, PackedLoader, dataset_fingerprint, split_validation, validation_batches
 from trainer.distributed import (RankedLoaderState, ShardedModelState, ShardedOptimizerState, World,
                                  init_world, shard_draft)
+from trainer.export import warm_start
 from trainer.loss import TTTOutput, acceptance_length, merge, ttt_loss
 from trainer.model import DraftArch, Eagle3Draft
 from trainer.target import TargetArch, TargetHead, load_target_weights, target_fingerprint
@@ -136,6 +137,8 @@ def setup(config: TrainConfig) -> Run:
                                   dtype=torch.float32 if device.type == "cpu" else None)
     model = Eagle3Draft(arch)
     model.init_from_target(weights, vocab)
+    init = warm_start(model, config.draft.init, aux_layer_ids=list(ds.header.aux_layer_ids),
+                      aux_layer_convention=ds.header.aux_layer_convention) if config.draft.init else None
     model.to(device)
     if config.distributed.strategy == "fsdp" and world.size > 1:
         shard_draft(model, world)
@@ -157,7 +160,7 @@ def setup(config: TrainConfig) -> Run:
              len(held_out), world.size, device, resolve_precision(config.precision, device.type), config.precision)
     return Run(config=config, world=world, device=device, model=model, head=head, optimizer=optimizer,
                scheduler=scheduler, loader=loader, held_out=held_out[world.rank::world.size], loop=loop,
-               components=components, meta=_run_meta(config, ds, arch, world),
+               components=components, meta=_run_meta(config, ds, arch, world, init),
                checkpointer=Checkpointer(config.out, keep=config.checkpoint.keep))
 
 
@@ -419,11 +422,14 @@ def _check_data_fits_target(ds: Dataset, target: TargetArch, config: TrainConfig
                              f"but {config.target.path}/config.json has {target_value}: wrong target or data set")
 
 
-def _run_meta(config: TrainConfig, ds: Dataset, arch: DraftArch, world: World) -> dict[str, Any]:
+def _run_meta(config: TrainConfig, ds: Dataset, arch: DraftArch, world: World,
+              init: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
         # what must match on resume; the data position is per rank, so the rank count too
-        "identity": {**config.identity(), "world_size": world.size},
+        "identity": {**config.identity(), "world_size": world.size,
+                     "draft.init_sha256": init and init["sha256"]},
+        "init": init,
         "dataset_fingerprint": dataset_fingerprint(ds),
         "dataset_path": str(config.data.path),
         "target_fingerprint": target_fingerprint(config.target.path),

@@ -135,6 +135,29 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     assert rows == 13  # 6 evals + 7 chitchat (one repeat)
 
 
+def test_a_warm_start_trains_beside_the_cold_run_and_is_named_by_the_inits_weights(tmp_path, monkeypatch, capsys):
+    fake = FakeSteps()
+    monkeypatch.setattr(quality, "Steps", lambda logger: fake)
+    settings = dict(workdir=tmp_path / "w", samples=10, heldout=4, epochs=3, token_budget=256)
+    run_quality(QualityConfig(**settings))
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "model.safetensors").write_bytes(b"weights one")
+    fake.commands.clear()
+    results = run_quality(QualityConfig(**settings, init=init))
+    train_cmd = next(c for c in fake.commands if c[0] == "train")
+    assert train_cmd[train_cmd.index("--init") + 1] == str(init)
+    assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval"]
+    assert results["config"]["init"] == str(init) and f"started from {init}" in capsys.readouterr().out
+    (init / "model.safetensors").write_bytes(b"weights two")  # another init: a third draft, not the second's
+    fake.commands.clear()
+    run_quality(QualityConfig(**settings, init=init))
+    assert [c[0] for c in fake.commands if c[0] in ("export", "eval")] == ["export", "eval"]
+    assert len(list((tmp_path / "w").glob("*/quality.json"))) == 3
+    with pytest.raises(ValueError, match="--init .* is not an exported draft"):
+        QualityConfig(**settings, init=tmp_path / "nothing")
+
+
 def test_too_few_new_held_out_questions_is_an_error_naming_the_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "Steps", FakeSteps)
     monkeypatch.setattr(quality, "_question", lambda row: "the same question every time")

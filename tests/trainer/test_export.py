@@ -123,3 +123,71 @@ def test_a_speculators_export_loads_back_into_the_same_draft_as_the_eagle_one(tr
 def test_speculators_export_names_a_verifier_that_exists(trained_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="--verifier"):
         export(trained_run, tmp_path / "spec", format="speculators", verifier=tmp_path / "moved-away")
+
+
+# --------------------------------------------------------------- warm start (draft.init)
+
+def _setup(out, real_data, tiny_target, **overrides):
+    from trainer.train import setup
+
+    run = setup(run_config(out, real_data, tiny_target, **overrides))
+    run.loader.close()
+    return run
+
+
+def test_a_warm_start_takes_the_exported_layer_and_maps_lm_head_rows_by_target_id(trained_run, tmp_path,
+                                                                                real_data, tiny_target):
+    from trainer.target import TargetArch, load_target_weights
+
+    init = export_eagle(trained_run, tmp_path / "init", dtype="float32")
+    source = load_exported(init)
+    # a bigger draft vocab than the init's 128: some ids are new to it
+    run = _setup(tmp_path / "run", real_data, tiny_target, **{"draft.init": init, "draft.draft_vocab_size": 200})
+    model, theirs = run.model, source.state_dict()
+    for name, value in model.state_dict().items():
+        if name not in ("lm_head.weight", "d2t", "t2d"):
+            torch.testing.assert_close(value, theirs[name], atol=0, rtol=0, msg=name)
+    target_head = load_target_weights(tiny_target, TargetArch.from_config_json(tiny_target),
+                                      dtype=torch.float32).lm_head
+    their_rows = {int(t): r for r, t in enumerate(source.draft_ids)}
+    ids = model.draft_ids.tolist()
+    assert model.arch.draft_vocab_size == 200 and len(set(ids)) == 200
+    shared = [i for i in ids if i in their_rows]
+    assert 0 < len(shared) < 200 and run.meta["init"]["lm_head_rows_carried"] == len(shared)
+    for row, target_id in enumerate(ids):
+        want = theirs["lm_head.weight"][their_rows[target_id]] if target_id in their_rows else target_head[target_id]
+        torch.testing.assert_close(model.lm_head.weight[row], want, atol=0, rtol=0)
+    assert run.meta["identity"]["draft.init_sha256"] == run.meta["init"]["sha256"]
+
+
+def test_a_warm_started_run_resumes_and_refuses_another_init(trained_run, tmp_path, real_data, tiny_target):
+    from trainer.checkpoint import CheckpointMismatch
+
+    first = export_eagle(trained_run, tmp_path / "first", dtype="float32")
+    other = export_eagle(trained_run, tmp_path / "other")  # bf16: other weights
+    out = tmp_path / "run"
+    train(run_config(out, real_data, tiny_target, steps=4, stop_after=2, **{"draft.init": first}))
+    with pytest.raises(CheckpointMismatch, match="draft.init_sha256"):
+        train(run_config(out, real_data, tiny_target, steps=4, **{"draft.init": other}))
+    with pytest.raises(CheckpointMismatch, match="draft.init_sha256"):  # nor without one
+        train(run_config(out, real_data, tiny_target, steps=4))
+    moved = tmp_path / "moved"
+    first.rename(moved)  # the path may change; the weights are what count
+    assert train(run_config(out, real_data, tiny_target, steps=4, **{"draft.init": moved})).step == 4
+    exported = json.loads((export_eagle(out, tmp_path / "draft") / "config.json").read_text())
+    assert exported["specmill"]["init"]["sha256"] == json.loads(
+        (latest_checkpoint(out / "checkpoints") / "meta.json").read_text())["init"]["sha256"]
+
+
+def test_a_warm_start_from_a_draft_of_another_shape_or_layers_is_refused_by_name(trained_run, tmp_path,
+                                                                             real_data, tiny_target):
+    init = export_eagle(trained_run, tmp_path / "init")
+    with pytest.raises(ValueError, match=r"intermediate_size 128 \(run: 64\)"):
+        _setup(tmp_path / "a", real_data, tiny_target, **{"draft.init": init, "draft.intermediate_size": 64})
+    config = json.loads((init / "config.json").read_text())
+    config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [0, 1, 2]
+    (init / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"aux layers \[0, 1, 2\].*\[1, 2, 3\]"):
+        _setup(tmp_path / "b", real_data, tiny_target, **{"draft.init": init})
+    with pytest.raises(ValueError, match="not an exported draft"):
+        _setup(tmp_path / "c", real_data, tiny_target, **{"draft.init": trained_run})  # a run dir, not an export
