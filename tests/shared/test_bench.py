@@ -66,3 +66,21 @@ def test_writes_a_chart_and_cleans_up_its_scratch_directory(figures):
 def test_unknown_format_is_rejected_by_name():
     with pytest.raises(ValueError, match="formats has unknown 'hdf5'; choose from arrow-ipc"):
         bench.BenchConfig(formats=("parquet", "hdf5"), cold=False)
+
+
+def test_the_cold_figure_is_the_median_round_each_against_its_own_probes(monkeypatch, tmp_path):
+    # Scripted disk and reads: probes drift 1000 -> 3000 MB/s; the three reads take the same time.
+    probes = iter([1000.0, 1000.0, 3000.0, 3000.0, 2000.0, 2000.0])
+    monkeypatch.setattr(bench.DiskProbe, "read_mbps", lambda self: next(probes))
+    monkeypatch.setattr(bench, "drop_page_cache", lambda: None)
+    monkeypatch.setattr(bench, "_read_pass", lambda *a: (1.0, 1800e6))  # 1800 MB/s each round
+    config = bench.BenchConfig(cold=False, cold_passes=3)
+    config.cold = True  # set after the root check: nothing is dropped here
+    run = bench._Run(disk_mbps=[])
+    got = bench._measure_cold(bench.FORMATS[bench.SHIPPED], tmp_path, None, bench.DiskProbe.__new__(bench.DiskProbe),
+                              run, config)
+    assert [r["cold_vs_disk"] for r in got["cold_rounds"]] == [1.8, 0.6, 0.9]
+    assert (got["cold_vs_disk"], got["cold_mbps"], got["cold_disk_mbps"]) == (0.9, 1800.0, 2000.0)
+    assert run.disk_mbps == [1000.0, 1000.0, 3000.0, 3000.0, 2000.0, 2000.0]
+    with pytest.raises(ValueError, match="cold_passes must be positive"):
+        bench.BenchConfig(cold=False, cold_passes=0)
