@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
 
 if TYPE_CHECKING:
     from shared.shards import Dataset

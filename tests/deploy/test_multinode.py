@@ -22,7 +22,7 @@ from factory.job import JobConfigError, RayConfig
 from factory.prompts import write_chitchat_prompts
 from factory.tiny_models import build_tiny_causal_lm
 from shared.manifest import load_manifest
-from shared.shards import Dataset, verify
+from dataset_contents import read_back
 from ray_nodes import RayNode, cluster_env
 
 N_CHATS = 160
@@ -89,14 +89,7 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[dict, str]:
 
 def contents(out: Path) -> dict:
     """What a finished data set holds, in a form two runs can be compared by."""
-    result = verify(out)
-    assert result.ok, result.errors
-    manifest = load_manifest(out)
-    assert manifest.complete
-    ds = Dataset(out)
-    samples = [ds[i] for i in range(len(ds))]
-    quarantine = [json.loads(line) for entry in manifest.info["quarantine"]["files"]
-                  for line in (out / entry["file"]).read_text().splitlines()]
+    manifest, samples, quarantine = read_back(out)
     return {
         "sample_ids": sorted(s["sample_id"] for s in samples),
         "rows": sorted([s["source_index"] for s in samples] + [q["index"] for q in quarantine]),

@@ -20,7 +20,9 @@ from factory.job import JobConfigError, load_job
 from factory.prompts import write_chitchat_prompts
 from factory.vllm_server import VllmServer, VllmServerConfig
 from shared.manifest import load_manifest
-from shared.shards import Dataset, verify
+from shared.shards import Dataset
+
+from dataset_contents import read_back
 
 N_CHATS = 40
 
@@ -156,13 +158,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def contents(out: Path) -> dict:
     """What a finished data set holds, in a form two runs can be compared by."""
-    assert verify(out).ok, verify(out).errors
-    manifest = load_manifest(out)
-    assert manifest.complete
-    ds = Dataset(out)
-    samples = [ds[i] for i in range(len(ds))]
-    quarantine = [json.loads(line) for entry in manifest.info["quarantine"]["files"]
-                  for line in (out / entry["file"]).read_text().splitlines()]
+    manifest, samples, quarantine = read_back(out)
     return {
         "sample_ids": sorted(s["sample_id"] for s in samples),
         "source_indices": sorted(s["source_index"] for s in samples),

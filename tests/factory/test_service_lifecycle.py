@@ -21,8 +21,9 @@ from factory.default_model import DefaultModelConfig, prepare_default
 from factory.prompts import write_chitchat_prompts
 from factory.service.ray_runner import LocalRayCluster
 from shared.manifest import load_manifest
-from shared.shards import Dataset, verify
 from shared.vllm_launch import free_port
+
+from dataset_contents import read_back
 
 TOKEN = "lifecycle-token-0123456789"
 ROWS = 32  # input rows each job covers (max_samples)
@@ -128,13 +129,7 @@ def job_spec(service: Service, smollm_dir: Path, out: str, **kw) -> dict:
 
 
 def contents(out: Path) -> dict:
-    assert verify(out).ok, verify(out).errors
-    manifest = load_manifest(out)
-    assert manifest.complete
-    ds = Dataset(out)
-    samples = [ds[i] for i in range(len(ds))]
-    quarantine = [json.loads(line) for entry in manifest.info["quarantine"]["files"]
-                  for line in (out / entry["file"]).read_text().splitlines()]
+    manifest, samples, quarantine = read_back(out)
     seen = Counter(s["source_index"] for s in samples) + Counter(q["index"] for q in quarantine)
     assert sorted(seen) == list(range(ROWS)) and set(seen.values()) == {1}, f"gaps or duplicates: {seen}"
     return {"sample_ids": sorted(s["sample_id"] for s in samples), "tokens": manifest.tokens,
