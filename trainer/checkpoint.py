@@ -151,6 +151,8 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], *, path: Path) 
     for key in sorted(set(saved["identity"]) | set(now["identity"])):
         a = saved["identity"].get(key, FIELDS_ADDED_LATER.get(key, "<absent>"))
         b = now["identity"].get(key, "<absent>")
+        if key == "precision" and a == "auto":  # written before identities held the resolved value
+            continue
         if a != b:
             diffs.append(f"config {key}: checkpoint {a!r} != now {b!r}")
     for key, what in (("dataset_fingerprint", "data set"), ("target_fingerprint", "target model")):

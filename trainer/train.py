@@ -160,7 +160,8 @@ def setup(config: TrainConfig) -> Run:
              len(held_out), world.size, device, resolve_precision(config.precision, device.type), config.precision)
     return Run(config=config, world=world, device=device, model=model, head=head, optimizer=optimizer,
                scheduler=scheduler, loader=loader, held_out=held_out[world.rank::world.size], loop=loop,
-               components=components, meta=_run_meta(config, ds, arch, world, init),
+               components=components,
+               meta=_run_meta(config, ds, arch, world, init, resolve_precision(config.precision, device.type)),
                checkpointer=Checkpointer(config.out, keep=config.checkpoint.keep))
 
 
@@ -423,11 +424,13 @@ def _check_data_fits_target(ds: Dataset, target: TargetArch, config: TrainConfig
 
 
 def _run_meta(config: TrainConfig, ds: Dataset, arch: DraftArch, world: World,
-              init: dict[str, Any] | None) -> dict[str, Any]:
+              init: dict[str, Any] | None, precision: str) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
-        # what must match on resume; the data position is per rank, so the rank count too
-        "identity": {**config.identity(), "world_size": world.size,
+        # What must match on resume; the data position is per rank, so the rank count too.
+        # precision as resolved here: an "auto" run started on a CPU with AMX (bf16) must not
+        # go on in fp32 on one without.
+        "identity": {**config.identity(), "world_size": world.size, "precision": precision,
                      "draft.init_sha256": init and init["sha256"]},
         "init": init,
         "dataset_fingerprint": dataset_fingerprint(ds),

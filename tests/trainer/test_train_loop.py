@@ -107,6 +107,26 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_with_that_fields_old_b
     assert train(run_config(out, synth_data, tiny_target, stop_after=3, precision="fp32")).step == 3
 
 
+def test_auto_precision_is_checked_as_what_it_resolved_to(tmp_path, synth_data, tiny_target, monkeypatch):
+    import trainer.train as train_module
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: "fp32")
+    first = train(run_config(out, synth_data, tiny_target, stop_after=2, precision="auto"))
+    assert json.loads((first.checkpoint / META_FILE).read_text())["identity"]["precision"] == "fp32"
+    # the same "auto" on a machine where it means bf16 would change the arithmetic mid-run
+    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: precision.replace("auto", "bf16"))
+    with pytest.raises(CheckpointMismatch, match="precision: checkpoint 'fp32' != now 'bf16'"):
+        train(run_config(out, synth_data, tiny_target, stop_after=3, precision="auto"))
+    assert train(run_config(out, synth_data, tiny_target, stop_after=3, precision="fp32")).step == 3  # said outright
+    # a checkpoint written when identities held the literal "auto" resumes as before
+    meta_file = first.checkpoint.parent / "step-000000003" / META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["identity"]["precision"] = "auto"
+    meta_file.write_text(json.dumps(meta))
+    assert train(run_config(out, synth_data, tiny_target, stop_after=4, precision="auto")).step == 4
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, synth_data, tiny_target):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "shared.cli", "train", "--data", str(synth_data), "--target", str(tiny_target),
