@@ -137,8 +137,6 @@ def _setup(out, real_data, tiny_target, **overrides):
 
 def test_a_warm_start_takes_the_exported_layer_and_maps_lm_head_rows_by_target_id(trained_run, tmp_path,
                                                                                 real_data, tiny_target):
-    from trainer.target import TargetArch, load_target_weights
-
     init = export_eagle(trained_run, tmp_path / "init", dtype="float32")
     source = load_exported(init)
     # a bigger draft vocab than the init's 128: some ids are new to it
@@ -147,15 +145,14 @@ def test_a_warm_start_takes_the_exported_layer_and_maps_lm_head_rows_by_target_i
     for name, value in model.state_dict().items():
         if name not in ("lm_head.weight", "d2t", "t2d"):
             torch.testing.assert_close(value, theirs[name], atol=0, rtol=0, msg=name)
-    target_head = load_target_weights(tiny_target, TargetArch.from_config_json(tiny_target),
-                                      dtype=torch.float32).lm_head
     their_rows = {int(t): r for r, t in enumerate(source.draft_ids)}
     ids = model.draft_ids.tolist()
     assert model.arch.draft_vocab_size == 200 and len(set(ids)) == 200
     shared = [i for i in ids if i in their_rows]
     assert 0 < len(shared) < 200 and run.meta["init"]["lm_head_rows_carried"] == len(shared)
     for row, target_id in enumerate(ids):
-        want = theirs["lm_head.weight"][their_rows[target_id]] if target_id in their_rows else target_head[target_id]
+        want = theirs["lm_head.weight"][their_rows[target_id]] if target_id in their_rows \
+            else theirs["lm_head.weight"].mean(0)
         torch.testing.assert_close(model.lm_head.weight[row], want, atol=0, rtol=0)
     assert run.meta["identity"]["draft.init_sha256"] == run.meta["init"]["sha256"]
 
