@@ -99,9 +99,8 @@ def _register_bench(bench: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config, parse_override
-    from trainer.train import keep_freed_memory, train
+    from trainer.train import train
 
-    keep_freed_memory()
     overrides = dict(parse_override(text) for text in args.set or [])
     for dest in [d for d, _, _ in _TRAIN_FLAGS.values()] + ["progress"]:
         if getattr(args, dest) is not None:

@@ -378,27 +378,6 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than give it back to the OS.
-
-    A CPU training step allocates and frees tensors of tens to hundreds of MB (logits over the
-    draft vocab, the target's distribution); glibc serves each from a fresh mmap and unmaps it
-    on free, so every step faults its working set in again. On the quality data (2,048-token
-    steps, draft vocab 17k) that was ~450k minor faults and ~1 s of kernel time a step; with
-    mmap and trimming off, ~33k and 0.09 s (a step 3.8 -> 3.0 s on one thread). Process-wide,
-    so called by the `specmill train` and `bench train` commands, not by `train()`. Returns
-    False where the C library has no mallopt (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))  # value is a C int
-
-
 def _autocast(device: torch.device, precision: str):
     """bf16 matmuls with fp32 master weights, or plain fp32 (config.resolve_precision). Either
     is deterministic on CPU, so resumption stays exact."""

@@ -66,29 +66,3 @@ def test_train_then_export_from_the_command_line(tmp_path, synth_data, tiny_targ
 def test_train_without_data_says_which_flag_is_missing(tmp_path):
     bad = specmill("train", "--target", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "3")
     assert bad.returncode == 2 and "data.path is required" in bad.stderr and "--data" in bad.stderr
-
-
-_FAULTS = """
-import resource, sys, torch
-if sys.argv[1] == "keep":
-    from trainer.train import keep_freed_memory
-    assert keep_freed_memory()
-faults = []
-for _ in range(6):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(256 << 20, dtype=torch.uint8).fill_(1)  # allocated, touched, freed
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[3:]))  # once settled (the first one or two grow the heap)
-"""
-
-
-def test_specmill_train_keeps_freed_memory_so_a_step_does_not_fault_its_tensors_in_again():
-    """The process-wide malloc setting of `specmill train`: a freed 256 MB tensor's memory is
-    reused by the next one, where glibc's default unmaps it and faults 65k pages in again."""
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    default, kept = faults("default"), faults("keep")
-    assert default > 3 * (256 << 20) // 4096 // 2, f"glibc's default did not unmap and refault ({default} faults)"
-    assert kept < default / 20, (kept, default)
