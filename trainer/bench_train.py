@@ -246,6 +246,9 @@ _FIELDS = ("target", "data", "synth_samples", "token_budget", "ttt_steps", "draf
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from trainer.train import huge_page_tensors
+
+    huge_page_tensors()  # as `specmill train` does (process-wide, so here and not in run_bench)
     config = BenchTrainConfig(**{f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None})
     report = run_bench(config)
     data = "synthetic shards (target's shapes)" if report["data"]["synthetic"] else report["data"]["path"]

@@ -99,7 +99,9 @@ def _register_bench(bench: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config, parse_override
-    from trainer.train import train
+    from trainer.train import huge_page_tensors, train
+
+    huge_page_tensors()
 
     overrides = dict(parse_override(text) for text in args.set or [])
     for dest in [d for d, _, _ in _TRAIN_FLAGS.values()] + ["progress"]:

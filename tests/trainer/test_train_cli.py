@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,40 @@ def test_train_then_export_from_the_command_line(tmp_path, synth_data, tiny_targ
 def test_train_without_data_says_which_flag_is_missing(tmp_path):
     bad = specmill("train", "--target", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "3")
     assert bad.returncode == 2 and "data.path is required" in bad.stderr and "--data" in bad.stderr
+
+
+_FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "huge":
+    from trainer.train import huge_page_tensors
+    huge_page_tensors()
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(256 << 20, dtype=torch.uint8).fill_(1)  # allocated, touched, freed
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off here")
+def test_specmill_train_puts_large_tensors_in_huge_pages():
+    """A 256 MB tensor faults in 2 MiB at a time (128 faults and change), not 4 KiB (65k)."""
+    def faults(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+                             env={**env, "PYTHONPATH": str(Path(__file__).parents[2])})
+        return int(out.stdout.split()[-1])
+
+    default, huge = faults("default"), faults("huge")
+    assert huge < default / 20, (huge, default)
+    if _thp_mode() == "madvise":  # "always" gives huge pages without asking
+        assert default > (256 << 20) // 4096 // 2, f"4 KiB pages expected by default ({default} faults)"
