@@ -124,8 +124,8 @@ class DraftConfig:
     draft_vocab_size: int = 32000
     # Start from this exported draft (specmill export, either format) instead of the target's
     # head: its layer, fc and norm as they are, its lm_head rows for the draft ids it shares
-    # with this data set's draft vocab (the other rows start from the target's lm_head, as
-    # without it). Its shape must be this run's; the optimizer and schedule start afresh.
+    # with this data set's draft vocab (the other rows start as the mean of its rows; see
+    # export.warm_start). Its shape must be this run's; the optimizer and schedule start afresh.
     init: Path | None = None
     intermediate_size: int | None = None
     num_attention_heads: int | None = None

@@ -278,9 +278,9 @@ def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
                aux_layer_convention: str) -> dict[str, Any]:
     """Load an exported draft (either format) into `model`, a draft freshly initialised for
     this run (`init_from_target`): the decoder layer, fc and norm are taken as they are; of
-    lm_head, the rows of the target ids both draft vocabularies hold, and for the ids the
-    init lacks the mean of its rows (d2t/t2d stay this run's vocab). The export must have this run's shape
-    and read the same aux layers. Returns what was carried over."""
+    lm_head, the rows of the target ids both draft vocabularies hold, and for the ids the init
+    lacks the mean of its rows (d2t/t2d stay this run's vocab). The export must have this
+    run's shape and read the same aux layers. Returns what was carried over."""
     directory = Path(directory)
     if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
         raise ValueError(f"draft.init {directory}: not an exported draft (needs config.json and model.safetensors, "
@@ -326,4 +326,3 @@ def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"path": str(directory), "sha256": digest,
             "lm_head_rows_carried": carried, "init_draft_vocab_size": source.arch.draft_vocab_size}
-

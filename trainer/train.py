@@ -150,6 +150,7 @@ def setup(config: TrainConfig) -> Run:
     loader = PackedLoader(ds, config.data, seed=config.seed, exclude=held_out, rank=world.rank,
                           world_size=world.size, pin_memory=device.type == "cuda")
     loop = LoopState()
+    precision = resolve_precision(config.precision, device.type)
     components = {"model": ShardedModelState(model) if world.sharded else model,
                   "optimizer": ShardedOptimizerState(model, optimizer) if world.sharded else optimizer,
                   "scheduler": scheduler,
@@ -157,11 +158,11 @@ def setup(config: TrainConfig) -> Run:
     log.info("%s: draft of %d trainable params, draft vocab %d, %d train / %d held-out samples, "
              "%d rank(s) on %s, %s matmuls (precision = %s)", config.out,
              sum(p.numel() for p in model.parameters() if p.requires_grad), vocab.size, len(ds) - len(held_out),
-             len(held_out), world.size, device, resolve_precision(config.precision, device.type), config.precision)
+             len(held_out), world.size, device, precision, config.precision)
     return Run(config=config, world=world, device=device, model=model, head=head, optimizer=optimizer,
                scheduler=scheduler, loader=loader, held_out=held_out[world.rank::world.size], loop=loop,
                components=components,
-               meta=_run_meta(config, ds, arch, world, init, resolve_precision(config.precision, device.type)),
+               meta=_run_meta(config, ds, arch, world, init, precision),
                checkpointer=Checkpointer(config.out, keep=config.checkpoint.keep))
 
 
