@@ -168,12 +168,12 @@ def stage(frontend, urls, *, actors=(), max_tokens=24, temperatures=(0.0,), keep
                          servers=ServersConfig(**{"backoff_s": 0.2, **servers}), urls=urls, actors=actors)
 
 
-def prompts(n: int, *, turns: int = 2) -> list[Prompt]:
+def prompts(n: int, *, turns: int = 2, ask: str = "name a colour and a number.") -> list[Prompt]:
     out = []
     for i in range(n):
         messages = []
         for t in range(turns):
-            messages += [{"role": "user", "content": f"Question {i}.{t}: name a colour and a number."},
+            messages += [{"role": "user", "content": f"Question {i}.{t}: {ask}"},
                          {"role": "assistant", "content": "(original answer, replaced)"}]
         out.append(Prompt(sample_id=f"sample-{i}", source_index=i, file="mem", row=i, messages=messages))
     return out
@@ -252,12 +252,16 @@ def test_failed_requests_are_retried_on_another_server_and_after_5xx(frontend, s
 def test_a_killed_server_is_restarted_and_its_in_flight_samples_are_retried(frontend, server, ray_local):
     """Runs last in this module: it kills the module's server (its actor starts a new one)."""
     actor, url = server
-    batch = prompts(12)
+    # Long answers (64 tokens each, 12 x 2 turns), so the server is mid-answer when it is killed.
+    batch = prompts(12, ask="write a long story about a colour and a number.")
 
     async def killed_mid_run():
-        s = stage(frontend, [url], actors=[actor], max_attempts=4)
+        s = stage(frontend, [url], actors=[actor], max_attempts=4, max_tokens=64)
         task = asyncio.ensure_future(_call_and_close(s, batch))
-        await asyncio.sleep(1.5)
+        # Kill once the server says it is generating: a fixed delay raced the batch on a faster machine.
+        while await asyncio.to_thread(_requests_running, url) == 0:
+            assert not task.done(), "the batch finished before the server could be killed; make it longer"
+            await asyncio.sleep(0.05)
         assert not task.done(), "the batch finished before the server could be killed; make it longer"
         os.killpg(await actor.server_pid.remote(), signal.SIGKILL)
         return await task
@@ -271,6 +275,13 @@ def test_a_killed_server_is_restarted_and_its_in_flight_samples_are_retried(fron
     # can differ in a token or two, because a request's logits move in the last bits with the
     # batch it shares a forward pass with (measured here: 1 of 12 rows, bf16 on CPU).
     print(f"server killed and restarted; batch finished in {time.monotonic() - started:.0f} s")
+
+
+def _requests_running(url: str) -> int:
+    """vLLM's own gauge of the requests it is generating for now (its /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
 
 
 class _flaky_proxy:
