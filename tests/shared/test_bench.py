@@ -30,6 +30,7 @@ def test_every_format_reports_positive_figures(figures):
             assert f[key] > 0, (name, key)
         assert f["cold_mbps"] is None, name  # --no-cold
     assert figures["limits"]["memcpy_mbps"] > 0 and figures["limits"]["disk_read_mbps"] > 0
+    assert figures["limits"]["disk_spread_mbps"] > 0 and figures["limits"]["disk_spread_buffers"] == 4
 
 
 def test_uncompressed_shipped_format_costs_the_raw_bytes(figures):
@@ -68,19 +69,39 @@ def test_unknown_format_is_rejected_by_name():
         bench.BenchConfig(formats=("parquet", "hdf5"), cold=False)
 
 
+class _ScriptedProbe:
+    def __init__(self, figures):
+        self.figures = iter(figures)
+
+    def read_mbps(self) -> float:
+        return next(self.figures)
+
+
 def test_the_cold_figure_is_the_median_round_each_against_its_own_probes(monkeypatch, tmp_path):
     # Scripted disk and reads: probes drift 1000 -> 3000 MB/s; the three reads take the same time.
-    probes = iter([1000.0, 1000.0, 3000.0, 3000.0, 2000.0, 2000.0])
-    monkeypatch.setattr(bench.DiskProbe, "read_mbps", lambda self: next(probes))
+    probe = _ScriptedProbe([1000.0, 1000.0, 3000.0, 3000.0, 2000.0, 2000.0])
+    spread = _ScriptedProbe([900.0, 900.0, 1800.0, 1800.0, 1500.0, 1500.0])
     monkeypatch.setattr(bench, "drop_page_cache", lambda: None)
     monkeypatch.setattr(bench, "_read_pass", lambda *a: (1.0, 1800e6))  # 1800 MB/s each round
     config = bench.BenchConfig(cold=False, cold_passes=3)
     config.cold = True  # set after the root check: nothing is dropped here
     run = bench._Run(disk_mbps=[])
-    got = bench._measure_cold(bench.FORMATS[bench.SHIPPED], tmp_path, None, bench.DiskProbe.__new__(bench.DiskProbe),
-                              run, config)
+    got = bench._measure_cold(bench.FORMATS[bench.SHIPPED], tmp_path, None, (probe, spread), run, config)
     assert [r["cold_vs_disk"] for r in got["cold_rounds"]] == [1.8, 0.6, 0.9]
+    assert [r["cold_vs_disk_spread"] for r in got["cold_rounds"]] == [2.0, 1.0, 1.2]
     assert (got["cold_vs_disk"], got["cold_mbps"], got["cold_disk_mbps"]) == (0.9, 1800.0, 2000.0)
+    assert got["cold_vs_disk_spread"] == 1.2  # the same (median) round's
     assert run.disk_mbps == [1000.0, 1000.0, 3000.0, 3000.0, 2000.0, 2000.0]
+    assert run.spread_mbps == [900.0, 900.0, 1800.0, 1800.0, 1500.0, 1500.0]
     with pytest.raises(ValueError, match="cold_passes must be positive"):
         bench.BenchConfig(cold=False, cold_passes=0)
+
+
+def test_the_spread_probe_reads_each_chunk_into_the_next_of_its_buffers(tmp_path):
+    one = bench.DiskProbe(tmp_path / "probe.bin", 32 << 20)
+    spread = bench.DiskProbe(one.path, 32 << 20, buffers=2, write=False)
+    assert one.read_mbps() > 0 and spread.read_mbps() > 0
+    data = one.path.read_bytes()
+    assert len(data) == 32 << 20
+    assert bytes(spread._buffers[0]) == data[:16 << 20] and bytes(spread._buffers[1]) == data[16 << 20:]
+    assert bytes(one._buffers[0]) == data[16 << 20:]  # one buffer: the last chunk is what is left
