@@ -16,6 +16,8 @@ from shared.shards import Dataset, ShardError
 from shared.stream import open_direct, record_batch_blocks
 from shared.synth import SynthConfig, write_synthetic
 
+from machine import thp_mode
+
 CONFIG = SynthConfig(samples=40, hidden_size=128, mean_tokens=64, max_tokens=300, vocab=1000,
                      shard_bytes=512 << 10)
 
@@ -207,8 +209,7 @@ def test_buffer_pool_buffers_are_in_huge_pages_where_the_kernel_offers_them():
     # virtio); huge pages let one request reach max_sectors_kb (README "Shard storage").
     from shared.stream import BufferPool
 
-    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not mode.exists() or "[never]" in mode.read_text():
+    if thp_mode() not in ("always", "madvise"):
         pytest.skip("transparent huge pages are off in this kernel")
     buffer = BufferPool().acquire(16 << 20)
     assert buffer.ctypes.data % (2 << 20) == 0

@@ -12,6 +12,8 @@ import pytest
 
 from trainer.config import ConfigError, TrainConfig, load_config, parse_override
 
+from machine import thp_mode
+
 REPO = Path(__file__).parents[2]
 
 
@@ -83,15 +85,7 @@ print(min(faults))
 """
 
 
-def _thp_mode() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "absent"
-    return text[text.index("[") + 1:text.index("]")]
-
-
-@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off here")
+@pytest.mark.skipif(thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off here")
 def test_specmill_train_puts_large_tensors_in_huge_pages():
     """A 256 MB tensor faults in 2 MiB at a time (128 faults and change), not 4 KiB (65k)."""
     def faults(mode: str) -> int:
@@ -102,5 +96,5 @@ def test_specmill_train_puts_large_tensors_in_huge_pages():
 
     default, huge = faults("default"), faults("huge")
     assert huge < default / 20, (huge, default)
-    if _thp_mode() == "madvise":  # "always" gives huge pages without asking
+    if thp_mode() == "madvise":  # "always" gives huge pages without asking
         assert default > (256 << 20) // 4096 // 2, f"4 KiB pages expected by default ({default} faults)"
