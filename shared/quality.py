@@ -8,6 +8,11 @@ ones in each package, so the two sets never overlap). The n-gram proposer is the
 the same run. Goals: eagle3 acceptance length >= 2.0, and its tokens per target forward pass
 >= 1.3x the n-gram proposer's.
 
+The same evaluation also runs on `seen` of the *training* prompts. The trainer's simulated
+acceptance length and vLLM's can differ for two reasons - a mismatch between them (aux-layer
+convention, masks, vocab mapping, the TTT unroll), which shows on prompts the draft has seen,
+or generalisation, which shows only on new ones - and the two figures side by side say which.
+
 Like the demo it drives the `specmill` command one subprocess per step and resumes: a step
 whose output exists is not run again.
 """
@@ -46,6 +51,7 @@ class QualityConfig:
     # The trainer's: auto = bf16 autocast on a GPU or a CPU with AMX/AVX512-BF16, else fp32.
     precision: str = "auto"
     heldout: int = 64  # evaluation prompts, half from each package
+    seen: int = 64  # training prompts evaluated the same way, half from each package (0: none)
     k: int = 3
     # Warm start: the draft starts from this exported draft (say an earlier run's) instead of
     # the target's head; see the trainer's draft.init.
@@ -57,6 +63,8 @@ class QualityConfig:
                 raise ValueError(f"bench quality: {name} must be positive, got {getattr(self, name)}")
         if self.samples < 2 or self.heldout < 2:
             raise ValueError("bench quality: --samples and --heldout must be at least 2 (one per package)")
+        if self.seen < 0 or self.seen == 1:
+            raise ValueError(f"bench quality: --seen must be 0 or at least 2 (one per package), got {self.seen}")
         if not self.epochs > 0 or not self.lr > 0:
             raise ValueError(f"bench quality: epochs and lr must be positive, got {self.epochs} and {self.lr}")
         if self.init is not None and not (Path(self.init) / "model.safetensors").is_file():
@@ -77,6 +85,7 @@ def run_quality(config: QualityConfig) -> dict:
     model = step("prepare and verify the default target", "model", "prepare-default").strip().splitlines()[-1]
 
     train_files, n_rows, heldout = plan_prompts(config, step)
+    seen = seen_prompts(config, train_files)
 
     # The data set depends on the prompts only; the draft and its evaluation on every setting
     # below, so a run with other settings (say --epochs 8) trains and evaluates afresh beside it.
@@ -105,8 +114,16 @@ def run_quality(config: QualityConfig) -> dict:
          "--target", model, "--draft", str(draft), "--prompts", str(heldout), "--out", str(evaluation),
          "--k", str(config.k), "--max-tokens", str(config.max_tokens), done=evaluation / "eval.json")
 
+    seen_eval = None
+    if seen is not None:
+        seen_dir = w / tag / "eval-seen"
+        step(f"evaluate in vLLM on {config.seen} of the training prompts, the same three ways", "eval",
+             "--target", model, "--draft", str(draft), "--prompts", str(seen), "--out", str(seen_dir),
+             "--k", str(config.k), "--max-tokens", str(config.max_tokens), done=seen_dir / "eval.json")
+        seen_eval = json.loads((seen_dir / "eval.json").read_text())
+
     results = summarize(config, manifest, json.loads((evaluation / "eval.json").read_text()), steps,
-                        step.timings, time.monotonic() - started)
+                        step.timings, time.monotonic() - started, seen=seen_eval)
     for path in (w / tag / "quality.json", w / "quality.json"):  # this run's, and the latest
         atomic_write_bytes(path, (json.dumps(results, indent=1) + "\n").encode())
     print(format_report(results))
@@ -153,6 +170,27 @@ def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, P
     return [evals, chitchat], len(rows), heldout
 
 
+def seen_prompts(config: QualityConfig, train_files: list[Path]) -> Path | None:
+    """Up to `seen` training prompts with distinct questions, the first of each package's
+    training file (half from each), written to seen.jsonl; None when `seen` is 0."""
+    if not config.seen:
+        return None
+    kept: list[str] = []
+    questions: set[str] = set()
+    for path, want in zip(train_files, (config.seen // 2, config.seen - config.seen // 2)):
+        taken = 0
+        for row in _rows(path):
+            if taken == want:
+                break
+            if _question(row) not in questions:
+                questions.add(_question(row))
+                kept.append(row)
+                taken += 1
+    out = config.workdir / "seen.jsonl"
+    atomic_write_bytes(out, "".join(r + "\n" for r in kept).encode())
+    return out
+
+
 def _rows(path: Path) -> list[str]:
     """A prompts file's rows, each as canonical JSON (so equal chats compare equal)."""
     return [json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines() if line.strip()]
@@ -170,7 +208,7 @@ def manifest_tokens(manifest: dict) -> int:
 
 
 def summarize(config: QualityConfig, manifest: dict, ev: dict, steps: int, timings: list[tuple[str, float]],
-              seconds: float) -> dict:
+              seconds: float, *, seen: dict | None = None) -> dict:
     eagle, ngram = ev["ways"]["eagle3"], ev["ways"]["ngram"]
     report = manifest.get("info", {}).get("report", {})
     tpf_ratio = None
@@ -188,6 +226,12 @@ def summarize(config: QualityConfig, manifest: dict, ev: dict, steps: int, timin
                         ("acceptance_length", "tokens_per_forward", "acceptance_per_position",
                          "output_tokens_per_s", "speedup")} for name in ("none", "ngram", "eagle3")},
         "simulated_acceptance_length": ev.get("simulated_acceptance_length"),
+        # The same draft on training prompts: seen minus held-out is what does not generalise.
+        "seen": None if seen is None else {
+            "prompts": seen["num_prompts"],
+            "ways": {name: {key: seen["ways"][name][key] for key in
+                            ("acceptance_length", "tokens_per_forward", "acceptance_per_position")}
+                     for name in ("ngram", "eagle3")}},
         "goals": {
             "acceptance_length": {"value": al, "goal": GOAL_ACCEPTANCE_LENGTH,
                                   "met": al is not None and al >= GOAL_ACCEPTANCE_LENGTH},
@@ -217,6 +261,12 @@ def format_report(r: dict) -> str:
     if sim.get("available"):
         lines.append(f"  the trainer's simulated acceptance length ({sim.get('simulated_acceptance_length_split')} "
                      f"split): {sim['value']:.3f}")
+    if r.get("seen"):
+        seen, held = r["seen"]["ways"]["eagle3"], r["ways"]["eagle3"]
+        if seen["acceptance_length"] is not None and held["acceptance_length"] is not None:
+            lines.append(f"  eagle3 on {r['seen']['prompts']} of its training prompts: acceptance length "
+                         f"{seen['acceptance_length']:.3f} (held-out {held['acceptance_length']:.3f}: "
+                         f"{held['acceptance_length'] - seen['acceptance_length']:+.3f})")
     lines.append("")
     for name, g in r["goals"].items():
         value = "-" if g["value"] is None else f"{g['value']:.3f}"
@@ -227,7 +277,8 @@ def format_report(r: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"), help="where artifacts go (resumes)")
     for name, kind in (("samples", int), ("max_tokens", int), ("epochs", float), ("token_budget", int),
-                       ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("k", int)):
+                       ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("seen", int),
+                       ("k", int)):
         default = QualityConfig.__dataclass_fields__[name].default
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")
     p.add_argument("--init", type=Path, default=None, metavar="DRAFT",

@@ -69,7 +69,9 @@ class FakeSteps:
         elif args[0] == "eval":
             out = Path(opt("--out"))
             out.mkdir(parents=True)
-            (out / "eval.json").write_text(json.dumps(fake_eval(eagle_al=2.2, eagle_tpf=2.1, ngram_tpf=1.2)))
+            seen = opt("--prompts").endswith("seen.jsonl")  # the draft does better on what it trained on
+            (out / "eval.json").write_text(json.dumps(fake_eval(eagle_al=1.9 if seen else 2.2, eagle_tpf=2.1,
+                                                                ngram_tpf=1.2)))
         return ""
 
 
@@ -105,13 +107,21 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     train_cmd = next(c for c in fake.commands if c[0] == "train")
     assert train_cmd[train_cmd.index("--steps") + 1] == str(-(-3 * 1000 // 256))  # ceil(epochs x tokens / budget)
     assert train_cmd[train_cmd.index("--lr") + 1] == "0.0005"
-    eval_cmd = next(c for c in fake.commands if c[0] == "eval")
-    assert eval_cmd[eval_cmd.index("--prompts") + 1] == str(tmp_path / "heldout.jsonl")
+    held_eval, seen_eval = (c for c in fake.commands if c[0] == "eval")
+    assert held_eval[held_eval.index("--prompts") + 1] == str(tmp_path / "heldout.jsonl")
+    # The same evaluation on training prompts: the first of each package, distinct questions
+    # (64 asked for, 10 there: 5 evals, and chitchat's first 6 rows less the repeat).
+    assert seen_eval[seen_eval.index("--prompts") + 1] == str(tmp_path / "seen.jsonl")
+    seen = [question(x) for x in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    assert seen == [f"evals-{i}" for i in range(5)] + ["chitchat-0", "chitchat-1", "chitchat-2", "chitchat-4",
+                                                         "chitchat-5"]
+    assert results["seen"]["ways"]["eagle3"]["acceptance_length"] == 1.9
 
     assert results["goals"]["acceptance_length"] == {"value": 2.2, "goal": 2.0, "met": True}
     assert results["goals"]["tokens_per_forward_vs_ngram"]["value"] == pytest.approx(2.1 / 1.2)
     assert json.loads((tmp_path / "quality.json").read_text())["data"]["tokens"] == 1000
-    assert "met" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "met" in out and "eagle3 on 4 of its training prompts: acceptance length 1.900 (held-out 2.200: +0.300)" in out
 
     # Run again: the export and evaluation exist, so they are not made again (the prompts are
     # rewritten, identically; the factory and the trainer find their work done and return).
@@ -124,7 +134,7 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     # Other training settings: a fresh draft and evaluation beside the first, on the same data.
     fake.commands.clear()
     run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=8, token_budget=256, lr=5e-4))
-    assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval"]
+    assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval", "eval"]
     assert len(list(tmp_path.glob("*/quality.json"))) == 2
 
     # More conversations asked for: the factory job is given the grown prompt files.
@@ -147,12 +157,12 @@ def test_a_warm_start_trains_beside_the_cold_run_and_is_named_by_the_inits_weigh
     results = run_quality(QualityConfig(**settings, init=init))
     train_cmd = next(c for c in fake.commands if c[0] == "train")
     assert train_cmd[train_cmd.index("--init") + 1] == str(init)
-    assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval"]
+    assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval", "eval"]
     assert results["config"]["init"] == str(init) and f"started from {init}" in capsys.readouterr().out
     (init / "model.safetensors").write_bytes(b"weights two")  # another init: a third draft, not the second's
     fake.commands.clear()
     run_quality(QualityConfig(**settings, init=init))
-    assert [c[0] for c in fake.commands if c[0] in ("export", "eval")] == ["export", "eval"]
+    assert [c[0] for c in fake.commands if c[0] in ("export", "eval")] == ["export", "eval", "eval"]
     assert len(list((tmp_path / "w").glob("*/quality.json"))) == 3
     with pytest.raises(ValueError, match="--init .* is not an exported draft"):
         QualityConfig(**settings, init=tmp_path / "nothing")
@@ -181,7 +191,7 @@ def test_goals_are_judged_against_the_n_gram_of_the_same_run(tmp_path, eagle_al,
 
 
 @pytest.mark.parametrize("field, value", [("samples", 1), ("heldout", 0), ("epochs", 0.0), ("lr", -1.0),
-                                          ("precision", "fp8")])
+                                          ("precision", "fp8"), ("seen", 1), ("seen", -2)])
 def test_bad_settings_are_refused_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         QualityConfig(workdir=tmp_path, **{field: value})
