@@ -107,6 +107,7 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     train_cmd = next(c for c in fake.commands if c[0] == "train")
     assert train_cmd[train_cmd.index("--steps") + 1] == str(-(-3 * 1000 // 256))  # ceil(epochs x tokens / budget)
     assert train_cmd[train_cmd.index("--lr") + 1] == "0.0005"
+    assert "--draft-vocab-size" not in train_cmd  # the trainer's default
     held_eval, seen_eval = (c for c in fake.commands if c[0] == "eval")
     assert held_eval[held_eval.index("--prompts") + 1] == str(tmp_path / "heldout.jsonl")
     # The same evaluation on training prompts: the first of each package, distinct questions
@@ -136,6 +137,14 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=8, token_budget=256, lr=5e-4))
     assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval", "eval"]
     assert len(list(tmp_path.glob("*/quality.json"))) == 2
+
+    # A smaller draft vocab: passed to the trainer, a run of its own.
+    fake.commands.clear()
+    run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=3, token_budget=256, lr=5e-4,
+                              draft_vocab_size=8000))
+    train_cmd = next(c for c in fake.commands if c[0] == "train")
+    assert train_cmd[train_cmd.index("--draft-vocab-size") + 1] == "8000"
+    assert len(list(tmp_path.glob("*-v8000/quality.json"))) == 1
 
     # More conversations asked for: the factory job is given the grown prompt files.
     fake.commands.clear()
@@ -191,7 +200,8 @@ def test_goals_are_judged_against_the_n_gram_of_the_same_run(tmp_path, eagle_al,
 
 
 @pytest.mark.parametrize("field, value", [("samples", 1), ("heldout", 0), ("epochs", 0.0), ("lr", -1.0),
-                                          ("precision", "fp8"), ("seen", 1), ("seen", -2)])
+                                          ("precision", "fp8"), ("seen", 1), ("seen", -2),
+                                          ("draft_vocab_size", 0)])
 def test_bad_settings_are_refused_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         QualityConfig(workdir=tmp_path, **{field: value})
