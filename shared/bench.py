@@ -658,12 +658,14 @@ def _measure_cold(fmt: Format, directory: Path, touch: Touch, probes: tuple[Disk
     rounds = []
     for _ in range(config.cold_passes):
         drop_page_cache()
-        before = probe.read_mbps(), spread.read_mbps()  # O_DIRECT: leaves the page cache empty for the read
+        # O_DIRECT probes leave the page cache empty for the read; the spread ones sit nearer it.
+        disk_before, spread_before = probe.read_mbps(), spread.read_mbps()
         seconds, nbytes = _read_pass(fmt, directory, touch, range(config.samples))
-        after = spread.read_mbps(), probe.read_mbps()
-        run.disk_mbps += [before[0], after[1]]
-        run.spread_mbps += [before[1], after[0]]
-        cold, disk, disk_spread = nbytes / seconds / _MB, (before[0] + after[1]) / 2, (before[1] + after[0]) / 2
+        spread_after, disk_after = spread.read_mbps(), probe.read_mbps()
+        run.disk_mbps += [disk_before, disk_after]
+        run.spread_mbps += [spread_before, spread_after]
+        cold = nbytes / seconds / _MB
+        disk, disk_spread = (disk_before + disk_after) / 2, (spread_before + spread_after) / 2
         rounds.append({"cold_mbps": cold, "disk_mbps": disk, "cold_vs_disk": cold / disk,
                        "disk_spread_mbps": disk_spread, "cold_vs_disk_spread": cold / disk_spread})
     # The median round by its ratio: the disk's own drift moves single rounds both ways.
