@@ -56,6 +56,9 @@ class QualityConfig:
     # The trainer's draft vocab (top-N trained ids); None: its default, 32,000 capped at the
     # distinct trained ids (every one of them, 23,934 on 7,000 conversations).
     draft_vocab_size: int | None = None
+    # The trainer's data.temperatures: train only on the answers sampled at these temperatures
+    # (say (0.0,): the greedy third of the factory's default mix, as the evaluation decodes).
+    train_temperatures: tuple[float, ...] | None = None
     # Warm start: the draft starts from this exported draft (say an earlier run's) instead of
     # the target's head; see the trainer's draft.init.
     init: Path | None = None
@@ -74,6 +77,11 @@ class QualityConfig:
             raise ValueError(f"bench quality: epochs and lr must be positive, got {self.epochs} and {self.lr}")
         if self.init is not None and not (Path(self.init) / "model.safetensors").is_file():
             raise ValueError(f"bench quality: --init {self.init} is not an exported draft (no model.safetensors)")
+        if self.train_temperatures is not None:
+            self.train_temperatures = tuple(float(t) for t in self.train_temperatures)
+            if not self.train_temperatures or min(self.train_temperatures) < 0:
+                raise ValueError(f"bench quality: train_temperatures (--train-temperatures) must be numbers >= 0, got "
+                                 f"{list(self.train_temperatures)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"bench quality: precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -98,6 +106,8 @@ def run_quality(config: QualityConfig) -> dict:
            f"-k{config.k}-mt{config.max_tokens}-h{config.heldout}")
     if config.draft_vocab_size is not None:
         tag += f"-v{config.draft_vocab_size}"
+    if config.train_temperatures is not None:
+        tag += "-t" + "_".join(f"{t:g}" for t in config.train_temperatures)
     if config.init is not None:  # named by its weights, so another init never reuses this run
         with open(Path(config.init) / "model.safetensors", "rb") as f:
             tag += "-init" + hashlib.file_digest(f, "sha256").hexdigest()[:10]
@@ -109,13 +119,17 @@ def run_quality(config: QualityConfig) -> dict:
          "--max-tokens", str(config.max_tokens))
     step("verify the shards", "shards", "verify", str(data))
     manifest = json.loads((data / "manifest.json").read_text())
-    steps = math.ceil(config.epochs * manifest_tokens(manifest) / config.token_budget)
-    step(f"train the draft ({steps} steps = {config.epochs:g} epochs at {config.token_budget} tokens)", "train",
+    steps = math.ceil(config.epochs * trained_tokens(data, manifest, config.train_temperatures) / config.token_budget)
+    step(f"train the draft ({steps} steps = {config.epochs:g} epochs at {config.token_budget} tokens"
+         + ("" if config.train_temperatures is None else
+            f" of the answers at temperature {', '.join(f'{t:g}' for t in config.train_temperatures)}") + ")", "train",
          "--data", str(data), "--target", model, "--out", str(run), "--steps", str(steps), "--lr", str(config.lr),
          "--token-budget", str(config.token_budget), "--ttt-steps", str(config.ttt_steps),
          "--precision", config.precision, "--log-every", "50",  # resumes; nothing to do if done
          *(("--draft-vocab-size", str(config.draft_vocab_size)) if config.draft_vocab_size is not None else ()),
-         *(("--init", str(config.init)) if config.init is not None else ()))
+         *(("--init", str(config.init)) if config.init is not None else ()),
+         *(("--temperatures", *(f"{t:g}" for t in config.train_temperatures))
+           if config.train_temperatures is not None else ()))
     step("export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(draft),
          done=draft / "config.json")
     step(f"evaluate in vLLM on {config.heldout} held-out prompts: none vs eagle3 (k={config.k}) vs n-gram", "eval",
@@ -215,6 +229,21 @@ def manifest_tokens(manifest: dict) -> int:
     return sum(int(s["tokens"]) for s in manifest["shards"])
 
 
+def trained_tokens(data: Path, manifest: dict, temperatures: tuple[float, ...] | None) -> int:
+    """Tokens an epoch covers: the whole data set's, or those of the samples at `temperatures`
+    (the trainer's data.temperatures, which also names what it finds wrong)."""
+    if temperatures is None:
+        return manifest_tokens(manifest)
+    from shared.shards import Dataset
+    from trainer.config import DataConfig
+    from trainer.data import left_out
+
+    ds = Dataset(data)
+    lengths = ds.lengths()
+    lengths[left_out(ds, DataConfig(path=data, temperatures=temperatures))] = 0
+    return int(lengths.sum())
+
+
 def summarize(config: QualityConfig, manifest: dict, ev: dict, steps: int, timings: list[tuple[str, float]],
               seconds: float, *, seen: dict | None = None) -> dict:
     eagle, ngram = ev["ways"]["eagle3"], ev["ways"]["ngram"]
@@ -292,6 +321,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
                    help="draft vocabulary: the N most frequent trained ids (default: the trainer's, 32000 capped "
                         "at the distinct trained ids)")
+    p.add_argument("--train-temperatures", type=float, nargs="+", default=None, metavar="T",
+                   help="train only on the answers the factory sampled at these temperatures, e.g. 0 (the "
+                        "evaluation is greedy); the trainer's --temperatures (default: every answer)")
     p.add_argument("--init", type=Path, default=None, metavar="DRAFT",
                    help="start the draft from this exported draft, e.g. an earlier run's (default: the target's head)")
 

@@ -439,17 +439,25 @@ class Dataset:
         out = [self._shard(k).column("num_tokens").to_numpy() for k in range(len(self.manifest.shards))]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 
-    # -- internals
+    def temperatures(self) -> np.ndarray:
+        """Sampling temperature of every sample's answers (float32; NaN where the writer did
+        not record one), read from the small column only."""
+        out = [self._shard(k).column("temperature").to_numpy(zero_copy_only=False).astype(np.float32)
+               for k in range(len(self.manifest.shards))]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number in the manifest, row in that shard) of sample `index`."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a data set of {len(self)} samples")
         index %= len(self)
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, index - self._starts[shard]
 
+    # -- internals
+
     def _get(self, index: int, *, readahead: bool) -> dict[str, object]:
-        shard, row = self._locate(index)
+        shard, row = self.locate(index)
         source = self._shard(shard)
         if readahead and not source.remote:
             # Ask the kernel for the sample's bytes in one go (and, while reading in order,

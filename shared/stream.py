@@ -420,7 +420,7 @@ class SampleStream:
         """One slot for `index`, grown by the following indices while they are the next
         record batches of the same shard (one read request for all of them)."""
         ds = self._ds
-        shard, row = ds._locate(index)
+        shard, row = ds.locate(index)
         source = ds._shard(shard)
         if source.remote:  # object stores are latency-bound: fetch in the pool too
             return _Slot(indices=(index,), nbytes=source.sample_bytes(row),
@@ -440,7 +440,7 @@ class SampleStream:
             following = next(self._indices, None)
             if following is None:
                 break
-            k, r = ds._locate(following)
+            k, r = ds.locate(following)
             # Requests stay within max_request, so the pool's buffers have one common size.
             if (k != shard or r != rows[-1] + 1 or blocks[r].offset != end
                     or blocks[r].end - start > self._max_request or source.cached(blocks[r])):

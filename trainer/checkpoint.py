@@ -141,7 +141,7 @@ def resolve_checkpoint(path: Path) -> Path:
 # describes how the older checkpoints without it were trained: such a checkpoint resumes
 # when this run has that value, and is refused (naming the field) otherwise.
 FIELDS_ADDED_LATER: dict[str, Any] = {"data.micro_batches": 1, "distributed.strategy": "ddp", "precision": "fp32",
-                                      "draft.init_sha256": None}
+                                      "draft.init_sha256": None, "data.temperatures": None}
 
 
 def check_compatible(saved: dict[str, Any], now: dict[str, Any], *, path: Path) -> None:

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, (dest, kind, text) in _TRAIN_FLAGS.items():
         p.add_argument(flag, dest=dest, type=kind, default=None, help=text,
                        metavar={Path: "DIR", int: "N", float: "X", str: "NAME"}[kind])
+    p.add_argument("--temperatures", dest="data.temperatures", type=float, nargs="+", default=None, metavar="T",
+                   help="train only on samples whose answers were generated at these temperatures (the shards' "
+                        "temperature column), e.g. --temperatures 0 for a draft that will serve greedy decoding")
     p.add_argument("--set", dest="set", action="append", default=None, metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.warmup_fraction=0.05 (repeatable)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
@@ -104,7 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     huge_page_tensors()
 
     overrides = dict(parse_override(text) for text in args.set or [])
-    for dest in [d for d, _, _ in _TRAIN_FLAGS.values()] + ["progress"]:
+    for dest in [d for d, _, _ in _TRAIN_FLAGS.values()] + ["data.temperatures", "progress"]:
         if getattr(args, dest) is not None:
             overrides[dest] = getattr(args, dest)
     result = train(load_config(args.config, overrides))

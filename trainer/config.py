@@ -101,6 +101,11 @@ class DataConfig:
     micro_batches: int = 1
     # Steps read ahead by the background thread.
     prefetch: int = 4
+    # Train (and validate) only on samples whose answers were generated at one of these
+    # temperatures (the shards' `temperature` column), e.g. [0.0] for greedy answers only
+    # when the draft will serve greedy decoding; None = every sample. The draft vocab is
+    # still counted over the whole data set (the manifest's token counts).
+    temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.path is None or str(self.path) == "":
@@ -108,6 +113,14 @@ class DataConfig:
         self.path = str(self.path) if is_uri(self.path) else Path(self.path)
         _positive("data.", self, "token_budget", "max_seq_len", "micro_batches", "prefetch")
         _positive("data.", self, "val_samples", allow_zero=True)
+        if self.temperatures is not None:
+            if isinstance(self.temperatures, (int, float)):
+                self.temperatures = (self.temperatures,)
+            if not self.temperatures or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0
+                                                for t in self.temperatures):
+                raise ConfigError(f"data.temperatures must be a non-empty list of numbers >= 0, got "
+                                  f"{self.temperatures!r}")
+            self.temperatures = tuple(float(t) for t in self.temperatures)
         if self.max_seq_len is None:
             self.max_seq_len = self.token_budget
         if self.max_seq_len > self.token_budget:

@@ -97,12 +97,39 @@ def pack(samples: list[dict[str, Any]], max_seq_len: int, after: Position) -> Ba
     )
 
 
-def split_validation(ds: Dataset, *, seed: int, val_samples: int) -> np.ndarray:
-    """Indices of the held-out samples (sorted)."""
-    if val_samples >= len(ds):
+def left_out(ds: Dataset, config: DataConfig) -> np.ndarray:
+    """Indices (sorted) of the samples that data.temperatures leaves out; none without it."""
+    if config.temperatures is None:
+        return np.zeros(0, dtype=np.int64)
+    wanted = list(config.temperatures)
+    temps = ds.temperatures()
+    missing = np.flatnonzero(np.isnan(temps))
+    if len(missing):
+        shard, row = ds.locate(int(missing[0]))
+        raise ValueError(f"data.temperatures = {wanted}: {len(missing)} of {len(ds)} samples in {ds.dir} record no "
+                         f"temperature (the first: sample {missing[0]}, row {row} of "
+                         f"{ds.manifest.shards[shard].file}, field temperature is null); drop data.temperatures "
+                         "to train on every sample")
+    # float32 in the shards: 0.7 comes back as 0.69999999
+    keep = np.isclose(temps[:, None], np.asarray(wanted, dtype=np.float32)[None, :], rtol=0, atol=1e-4).any(axis=1)
+    if not keep.any():
+        present = ", ".join(f"{t:g} ({n})" for t, n in zip(*np.unique(temps.round(4), return_counts=True)))
+        raise ValueError(f"data.temperatures = {wanted}: no sample of {ds.dir} was generated at these temperatures; "
+                         f"it holds (temperature (samples)): {present}")
+    return np.flatnonzero(~keep)
+
+
+def split_validation(ds: Dataset, *, seed: int, val_samples: int,
+                     exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the held-out samples (sorted), none of them in `exclude`."""
+    order = ds.sample_order(seed=seed, epoch=_VAL_EPOCH)
+    if exclude is not None and len(exclude):
+        order = order[~np.isin(order, exclude)]
+    if val_samples >= len(order):
         raise ValueError(f"data.val_samples ({val_samples}) leaves nothing to train on in a data set of "
-                         f"{len(ds)} samples; lower it")
-    return np.sort(ds.sample_order(seed=seed, epoch=_VAL_EPOCH)[:val_samples])
+                         f"{len(order)} samples" + (" (after data.temperatures)" if len(order) < len(ds) else "")
+                         + "; lower it")
+    return np.sort(order[:val_samples])
 
 
 class PackedLoader:

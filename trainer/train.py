@@ -22,7 +22,7 @@ from tqdm import tqdm
 from shared.shards import Dataset
 from trainer.checkpoint import Checkpointer, RNGState, check_compatible, read_meta
 from trainer.config import OptimConfig, TrainConfig, TTTConfig, resolve_precision
-from trainer.data import Batch, PackedLoader, dataset_fingerprint, split_validation, validation_batches
+from trainer.data import Batch, PackedLoader, dataset_fingerprint, left_out, split_validation, validation_batches
 from trainer.distributed import (RankedLoaderState, ShardedModelState, ShardedOptimizerState, World,
                                  init_world, shard_draft)
 from trainer.export import warm_start
@@ -145,20 +145,23 @@ def setup(config: TrainConfig) -> Run:
     head = TargetHead(weights, eps=target_arch.rms_norm_eps,
                       pre_norm=ds.header.last_hidden_state == "pre_norm").to(device)
     optimizer, scheduler = build_optimizer(model, config.optim, total_steps=config.steps)
-    held_out = split_validation(ds, seed=config.seed, val_samples=config.data.val_samples) \
+    filtered = left_out(ds, config.data)  # by data.temperatures
+    held_out = split_validation(ds, seed=config.seed, val_samples=config.data.val_samples, exclude=filtered) \
         if config.data.val_samples else np.zeros(0, dtype=np.int64)
-    loader = PackedLoader(ds, config.data, seed=config.seed, exclude=held_out, rank=world.rank,
-                          world_size=world.size, pin_memory=device.type == "cuda")
+    loader = PackedLoader(ds, config.data, seed=config.seed, exclude=np.union1d(held_out, filtered),
+                          rank=world.rank, world_size=world.size, pin_memory=device.type == "cuda")
     loop = LoopState()
     precision = resolve_precision(config.precision, device.type)
     components = {"model": ShardedModelState(model) if world.sharded else model,
                   "optimizer": ShardedOptimizerState(model, optimizer) if world.sharded else optimizer,
                   "scheduler": scheduler,
                   "data": RankedLoaderState(loader, world), "rng": RNGState(), "loop": loop}
-    log.info("%s: draft of %d trainable params, draft vocab %d, %d train / %d held-out samples, "
+    log.info("%s: draft of %d trainable params, draft vocab %d, %d train / %d held-out samples%s, "
              "%d rank(s) on %s, %s matmuls (precision = %s)", config.out,
-             sum(p.numel() for p in model.parameters() if p.requires_grad), vocab.size, len(ds) - len(held_out),
-             len(held_out), world.size, device, precision, config.precision)
+             sum(p.numel() for p in model.parameters() if p.requires_grad), vocab.size,
+             len(ds) - len(held_out) - len(filtered), len(held_out),
+             f" ({len(filtered)} left out by data.temperatures = {list(config.data.temperatures)})"
+             if config.data.temperatures is not None else "", world.size, device, precision, config.precision)
     return Run(config=config, world=world, device=device, model=model, head=head, optimizer=optimizer,
                scheduler=scheduler, loader=loader, held_out=held_out[world.rank::world.size], loop=loop,
                components=components,

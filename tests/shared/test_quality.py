@@ -199,9 +199,39 @@ def test_goals_are_judged_against_the_n_gram_of_the_same_run(tmp_path, eagle_al,
     assert text.count("NOT met") == met.count(False)
 
 
+def test_training_on_some_temperatures_passes_the_filter_and_counts_only_their_tokens(tmp_path, monkeypatch):
+    fake = FakeSteps()
+    monkeypatch.setattr(quality, "Steps", lambda logger: fake)
+    counted = []
+    monkeypatch.setattr(quality, "trained_tokens", lambda data, manifest, temps: counted.append(temps) or 600)
+    run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=2, token_budget=256,
+                              train_temperatures=[0]))
+    train_cmd = next(c for c in fake.commands if c[0] == "train")
+    assert train_cmd[train_cmd.index("--temperatures") + 1:] == ["0"]
+    assert train_cmd[train_cmd.index("--steps") + 1] == "5"  # ceil(2 x 600 / 256)
+    assert counted == [(0.0,)]
+    assert len(list(tmp_path.glob("*-t0/quality.json"))) == 1  # a run of its own
+
+
+def test_trained_tokens_are_those_of_the_samples_at_the_chosen_temperatures(tmp_path):
+    from shared.shards import Dataset
+    from shared.synth import SynthConfig, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, SynthConfig(samples=30, hidden_size=16, vocab=100, num_layers=4, mean_tokens=20,
+                                      max_tokens=40))
+    ds, manifest = Dataset(data), json.loads((data / "manifest.json").read_text())
+    lengths, temps = ds.lengths(), ds.temperatures()
+    assert quality.trained_tokens(data, manifest, None) == quality.manifest_tokens(manifest) == lengths.sum()
+    assert quality.trained_tokens(data, manifest, (0.0,)) == lengths[temps == 0].sum()
+    assert quality.trained_tokens(data, manifest, (0.7, 1.0)) == lengths[temps != 0].sum()
+    assert 0 < lengths[temps == 0].sum() < lengths.sum()
+
+
 @pytest.mark.parametrize("field, value", [("samples", 1), ("heldout", 0), ("epochs", 0.0), ("lr", -1.0),
                                           ("precision", "fp8"), ("seen", 1), ("seen", -2),
-                                          ("draft_vocab_size", 0)])
+                                          ("draft_vocab_size", 0), ("train_temperatures", [-1.0]),
+                                          ("train_temperatures", [])])
 def test_bad_settings_are_refused_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         QualityConfig(workdir=tmp_path, **{field: value})

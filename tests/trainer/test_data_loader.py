@@ -6,7 +6,7 @@ import torch
 
 from shared.shards import Dataset
 from trainer.config import DataConfig
-from trainer.data import PackedLoader, split_validation, validation_batches
+from trainer.data import PackedLoader, left_out, split_validation, validation_batches
 
 
 def test_an_epoch_covers_every_training_sample_once_within_the_budget(synth_data):
@@ -76,3 +76,33 @@ def test_ranks_split_each_step_so_their_union_is_the_single_rank_step(synth_data
 def test_too_many_held_out_samples_is_refused(synth_data):
     with pytest.raises(ValueError, match="val_samples"):
         split_validation(Dataset(synth_data), seed=0, val_samples=40)
+
+
+def test_a_temperature_filter_trains_and_validates_only_on_samples_of_those_temperatures(synth_data):
+    ds = Dataset(synth_data)
+    temps = ds.temperatures()
+    greedy = set(np.flatnonzero(temps == 0).tolist())
+    assert 3 < len(greedy) < len(ds)  # the synthetic mix holds 0, 0.7 and 1.0
+    config = DataConfig(path=synth_data, token_budget=160, val_samples=3, temperatures=[0], prefetch=2)
+    filtered = left_out(ds, config)
+    held_out = split_validation(ds, seed=3, val_samples=3, exclude=filtered)
+    assert set(held_out.tolist()) <= greedy
+    loader = PackedLoader(ds, config, seed=3, exclude=np.union1d(held_out, filtered))
+    assert sorted(loader.epoch_order(0).tolist()) == sorted(greedy - set(held_out.tolist()))
+    loader.close()
+    # the shards store float32, in which 0.7 is 0.69999999
+    sampled = left_out(ds, DataConfig(path=synth_data, temperatures=[0.7, 1.0]))
+    assert set(sampled.tolist()) == greedy
+    assert len(left_out(ds, DataConfig(path=synth_data))) == 0
+
+
+def test_a_temperature_filter_on_data_without_temperatures_names_the_sample_and_field(real_data):
+    ds = Dataset(real_data)
+    with pytest.raises(ValueError, match=f"64 of 64 samples .* sample 0, row 0 of {ds.manifest.shards[0].file}, "
+                                         "field temperature is null"):
+        left_out(ds, DataConfig(path=real_data, temperatures=[0]))
+
+
+def test_a_temperature_filter_that_matches_nothing_lists_what_the_data_holds(synth_data):
+    with pytest.raises(ValueError, match=r"no sample .* at these temperatures; .*: 0 \(\d+\), 0.7 \(\d+\), 1 \(\d+\)"):
+        left_out(Dataset(synth_data), DataConfig(path=synth_data, temperatures=[0.5]))

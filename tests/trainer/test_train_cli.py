@@ -40,6 +40,8 @@ def test_toml_then_flags_build_the_config_with_paths_relative_to_the_file(tmp_pa
     ({"steps": 0, "data.path": "d", "target.path": "t", "out": "o"}, "steps must be positive"),
     ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "eval_every": 5}, "data.val_samples"),
     ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "optim.schedule": "linear"}, "optim.schedule"),
+    ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "data.temperatures": [-1]}, "data.temperatures"),
+    ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "data.temperatures": []}, "data.temperatures"),
 ])
 def test_bad_settings_are_refused_naming_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -56,11 +58,12 @@ def test_train_then_export_from_the_command_line(tmp_path, synth_data, tiny_targ
     toml = tmp_path / "train.toml"
     toml.write_text(f'out = "run"\nsteps = 2\nlog_every = 1\n[data]\npath = "{synth_data}"\ntoken_budget = 128\n'
                     f'[target]\npath = "{tiny_target}"\n[draft]\ndraft_vocab_size = 64\n[ttt]\nsteps = 2\n')
-    trained = specmill("train", str(toml), "--no-progress", "--set", "optim.lr=2e-4")
+    trained = specmill("train", str(toml), "--no-progress", "--set", "optim.lr=2e-4", "--temperatures", "0", "1")
     assert trained.returncode == 0, trained.stderr
     assert "trained to step 2" in trained.stdout
     meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/meta.json")).read_text())
     assert meta["config"]["optim"]["lr"] == 2e-4 and meta["config"]["draft"]["draft_vocab_size"] == 64
+    assert meta["config"]["data"]["temperatures"] == [0.0, 1.0]
     exported = specmill("export", str(tmp_path / "run"), "--format", "eagle", "--out", str(tmp_path / "draft"))
     assert exported.returncode == 0, exported.stderr
     assert json.loads((tmp_path / "draft" / "config.json").read_text())["draft_vocab_size"] == 64
