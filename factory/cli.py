@@ -132,8 +132,9 @@ def _register_factory(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_factory_run)
 
     p = fsub.add_parser("prompts", help="write real prompts from a PyPI package as OpenAI-messages JSONL")
-    p.add_argument("--source", choices=("chitchat", "evals"), required=True,
-                   help="chitchat: multi-turn chats (chitchat-dataset); evals: task prompts (OpenAI evals wheel)")
+    p.add_argument("--source", choices=("chitchat", "evals", "alpaca"), required=True,
+                   help="chitchat: multi-turn chats (chitchat-dataset); evals: task prompts (OpenAI evals wheel); "
+                        "alpaca: the 805 AlpacaEval instructions (alpaca-eval source archive)")
     p.add_argument("--n", type=int, required=True, help="how many prompts")
     p.add_argument("--skip", type=int, default=0,
                    help="leave out the first N (so a held-out set does not overlap a training set taken with --n N)")
@@ -148,7 +149,7 @@ def _cmd_factory_prompts(args: argparse.Namespace) -> int:
         print(f"error: --skip must be >= 0, got {args.skip}", file=sys.stderr)
         return 2
     take = args.skip + args.n
-    chats = prompts.chitchat_chats(take) if args.source == "chitchat" else prompts.evals_chats(take)
+    chats = prompts.chats_from(args.source, take)
     print(prompts.write_prompts(args.out, chats[args.skip:]))
     return 0
 

