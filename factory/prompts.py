@@ -80,13 +80,13 @@ def evals_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, str
     cache and read in place."""
     import zipfile
 
-    from factory.default_model import download_wheel
+    from factory.default_model import download_package
 
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     dest = _package_cache(cache)
     wheels = sorted(dest.glob(f"{EVALS_PACKAGE}-{EVALS_VERSION}-*.whl"))
-    wheel = wheels[0] if wheels else download_wheel(EVALS_PACKAGE, EVALS_VERSION, dest, size_hint="about 46 MB")
+    wheel = wheels[0] if wheels else download_package(EVALS_PACKAGE, EVALS_VERSION, dest, size_hint="about 46 MB")
     per_file: list[list[list[dict[str, str]]]] = []
     with zipfile.ZipFile(wheel) as whl:
         for name in EVALS_FILES:
@@ -123,14 +123,14 @@ def alpaca_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, st
     source archive is downloaded once into the cache."""
     import tarfile
 
-    from factory.default_model import download_wheel
+    from factory.default_model import download_package
 
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     dest = _package_cache(cache)
     archives = sorted(dest.glob(f"alpaca_eval-{ALPACA_VERSION}.tar.gz"))
-    archive = archives[0] if archives else download_wheel(ALPACA_PACKAGE, ALPACA_VERSION, dest, sdist=True,
-                                                         size_hint="about 0.4 MB")
+    archive = archives[0] if archives else download_package(ALPACA_PACKAGE, ALPACA_VERSION, dest, sdist=True,
+                                                            size_hint="about 0.4 MB")
     with tarfile.open(archive) as tar:
         member = tar.extractfile(ALPACA_MEMBER)
         if member is None:
@@ -151,16 +151,14 @@ def _package_cache(cache: Path | None) -> Path:
     return dest
 
 
-SOURCES = {"chitchat": "multi-turn chats (chitchat-dataset)", "evals": "task prompts (the OpenAI evals wheel)",
-           "alpaca": "one-turn instructions (the 805 of AlpacaEval, from the alpaca-eval source archive)"}
+SOURCES = {"chitchat": chitchat_chats, "evals": evals_chats, "alpaca": alpaca_chats}
 
 
 def chats_from(source: str, n: int) -> list[list[dict[str, str]]]:
     """The first `n` chats of one of SOURCES."""
-    readers = {"chitchat": chitchat_chats, "evals": evals_chats, "alpaca": alpaca_chats}
-    if source not in readers:
+    if source not in SOURCES:
         raise ValueError(f"unknown prompt source {source!r}; one of {', '.join(SOURCES)}")
-    return readers[source](n)
+    return SOURCES[source](n)
 
 
 def write_prompts(path: str | Path, chats: list[list[dict[str, str]]]) -> Path:
