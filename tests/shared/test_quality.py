@@ -154,6 +154,29 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     assert rows == 13  # 6 evals + 7 chitchat (one repeat)
 
 
+def test_sharegpt_questions_join_the_training_plan_and_the_held_out_prompts_stay_the_same(tmp_path, monkeypatch):
+    fake = FakeSteps()
+    monkeypatch.setattr(quality, "Steps", lambda logger: fake)
+    settings = dict(workdir=tmp_path, samples=10, heldout=4, epochs=3, token_budget=256, seen=0)
+    run_quality(QualityConfig(**settings))
+    held = (tmp_path / "heldout.jsonl").read_text()
+
+    fake.commands.clear()
+    results = run_quality(QualityConfig(**settings, sharegpt=3, steps=7))
+    run = next(c for c in fake.commands if c[:2] == ["factory", "run"])
+    assert run[run.index("--prompts") + 1:run.index("--out")] == [
+        str(tmp_path / f"train-{s}.jsonl") for s in ("evals", "chitchat", "sharegpt")]
+    question = lambda line: json.loads(line)["messages"][0]["content"]  # noqa: E731
+    assert [question(x) for x in (tmp_path / "train-sharegpt.jsonl").read_text().splitlines()] == [
+        "sharegpt-0", "sharegpt-1", "sharegpt-2"]
+    assert (tmp_path / "heldout.jsonl").read_text() == held, "judged on the same prompts as without them"
+    train_cmd = next(c for c in fake.commands if c[0] == "train")
+    assert train_cmd[train_cmd.index("--steps") + 1] == "7", "--steps wins over --epochs"
+    assert Path(train_cmd[train_cmd.index("--out") + 1]).parent.name.startswith("s7-")
+    assert Path(train_cmd[train_cmd.index("--out") + 1]).parent.name.endswith("-sg3")
+    assert results["data"]["conversations"] == 13 and results["data"]["sharegpt"] == 3
+
+
 def test_a_warm_start_trains_beside_the_cold_run_and_is_named_by_the_inits_weights(tmp_path, monkeypatch, capsys):
     fake = FakeSteps()
     monkeypatch.setattr(quality, "Steps", lambda logger: fake)
@@ -231,7 +254,7 @@ def test_trained_tokens_are_those_of_the_samples_at_the_chosen_temperatures(tmp_
 @pytest.mark.parametrize("field, value", [("samples", 1), ("heldout", 0), ("epochs", 0.0), ("lr", -1.0),
                                           ("precision", "fp8"), ("seen", 1), ("seen", -2),
                                           ("draft_vocab_size", 0), ("train_temperatures", [-1.0]),
-                                          ("train_temperatures", [])])
+                                          ("train_temperatures", []), ("sharegpt", -1), ("steps", 0)])
 def test_bad_settings_are_refused_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         QualityConfig(workdir=tmp_path, **{field: value})
