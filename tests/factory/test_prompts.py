@@ -57,3 +57,15 @@ def test_a_json_array_cut_off_mid_item_yields_its_complete_items():
     cut = whole[: whole.index('"q2')]
     assert list(_complete_json_items(cut)) == items[:2]
     assert list(_complete_json_items("[]")) == []
+
+
+def test_the_cli_offers_every_prompt_source():
+    import argparse
+
+    from factory import cli, prompts
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    for source in prompts.SOURCES:
+        args = parser.parse_args(["factory", "prompts", "--source", source, "--n", "1", "--out", "x.jsonl"])
+        assert args.source == source
