@@ -63,9 +63,11 @@ from shared.manifest import (
 )
 from shared.storage import Location
 from shared.stream import (DIRECT_ALIGN, Block, FooterError, SampleStream, batch_layout, open_direct,
-                           read_direct, record_batch_blocks, residency)
+                           record_batch_blocks, residency)
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
 log = logging.getLogger("specmill.shards")
@@ -410,11 +412,10 @@ class Dataset:
         """The samples of `indices` (default: all, in order), read ahead in background threads.
 
         Samples not in the page cache are read with O_DIRECT where the filesystem allows it
-        (`direct=False`: always through the memory map); see shared.stream for why. The
-        defaults keep four 16 MiB requests in flight for an in-order epoch, one per thread
-        (on a quiet machine, cold reads at 0.86 of the disk against 0.81 with two; every
-        buffer in flight is memory that must be faulted in once) and up to four
-        single-sample requests for a shuffled one.
+        (`direct=False`: always through the memory map); see shared.stream for why. Up to
+        `readahead_bytes` are read ahead: for an in-order epoch, ranges of neighbouring
+        samples of up to `max_request` bytes, read one after another by one thread; for a
+        shuffled one, single samples. `threads` decode them and map cached samples in.
         """
         return SampleStream(self, range(len(self)) if indices is None else indices, direct=direct,
                             readahead_bytes=readahead_bytes, threads=threads, max_request=max_request)
@@ -487,13 +488,13 @@ class Dataset:
         residency().populate(source._base + block.offset, block.end - block.offset)
         return [self._decode_raw(source.view, 0, block, shard, index)]
 
-    def _read_direct(self, shard: int, rows: list[int], indices: list[int]) -> list[dict[str, object]]:
-        """Consecutive rows of a local shard in one O_DIRECT request (runs in a stream thread)."""
+    def _decode_direct(self, shard: int, rows: list[int], indices: list[int], read: Future) -> list[dict[str, object]]:
+        """Consecutive rows of a local shard from their O_DIRECT read (runs in a stream thread)."""
         source = self._shard(shard)
         blocks = source.blocks()
         start, end = blocks[rows[0]].offset, blocks[rows[-1]].end
         try:
-            data = pa.py_buffer(read_direct(source.direct_fd(), start, end))
+            data = pa.py_buffer(read.result())
         except (OSError, EOFError) as e:
             raise ShardError(f"{source.name}: reading bytes {start}-{end} failed ({e})") from None
         base = start - start % DIRECT_ALIGN

@@ -4,9 +4,10 @@ Why a second read path next to `Dataset[i]`: on a cold page cache, reads through
 map (or plain `read()`) ran at about half of what the disk gives an O_DIRECT reader on
 the machines this was built on (`specmill shards bench`). So a stream reads every sample
 that is not already in the page cache with O_DIRECT: the record batch's whole byte range
-(neighbouring samples of one shard coalesced into one request of up to `max_request`
-bytes) lands in a page-aligned buffer in huge pages, reused from a pool (`BufferPool` says
-why both matter), and the tensors handed out are views of it.
+(neighbouring samples of one shard coalesced into one range of up to `max_request` bytes)
+is read in order by one thread, 4 MiB at a time, into a few small landing buffers in huge
+pages, and copied out into a buffer reused from a pool (`LandingReader` and `BufferPool`
+say why); the tensors handed out are views of that buffer.
 Samples already in the page cache (`mincore`) are read through the memory map, as
 `Dataset[i]` does (O_DIRECT would go back to the disk for them), with a pool thread
 mapping their pages in (MADV_POPULATE_READ) ahead of the consumer: on a fresh map the
@@ -25,6 +26,7 @@ import ctypes
 import logging
 import mmap
 import os
+import queue
 import struct
 import threading
 import weakref
@@ -174,16 +176,17 @@ def open_direct(path: str | os.PathLike) -> int | None:
 
 
 class BufferPool:
-    """Page-aligned I/O buffers, recycled once the last tensor viewing one is gone.
+    """Page-aligned buffers that streamed samples live in, recycled once the last tensor
+    viewing one is gone.
 
-    Two things made O_DIRECT reads slower than the disk on the VMs this was built on
-    (measured on a dropped cache; README "Shard storage"):
-    - in 4 KiB pages a buffer is physically scattered, and the block layer cuts a read
-      into requests of at most `max_segments` pages (254 here: 0.5-1 MiB requests, 1.3-1.8
-      GB/s). In transparent huge pages (2 MiB, `MADV_HUGEPAGE`) a request grows to the
-      device's `max_sectors_kb` (4 MiB here: 2.5-2.8 GB/s, the same disk, the same minute);
-    - fresh 4 KiB pages fault in at 0.45-0.9 GB/s on these VMs, less than the disk (huge
-      pages: 1.7-2.2 GB/s), so buffers are reused rather than mapped per request.
+    Fresh 4 KiB pages fault in at 0.45-0.9 GB/s on the VMs this was built on, less than the
+    disk (huge pages: 1.7-2.2 GB/s), so buffers are reused rather than mapped per range,
+    and are made of huge pages (`direct_buffer`) like the landing buffers, where that
+    matters more: in 4 KiB pages a buffer is physically scattered, and the block layer cuts
+    an O_DIRECT read into requests of at most `max_segments` pages (254 here: 0.5-1 MiB
+    requests, 1.3-1.8 GB/s); in transparent huge pages (2 MiB, `MADV_HUGEPAGE`) a request
+    grows to the device's `max_sectors_kb` (4 MiB here: 2.5-2.8 GB/s, the same disk, the
+    same minute). Measured on a dropped cache; README "Shard storage".
     Private, not shared anonymous memory: a forked loader worker inherits the free list,
     and with shared pages it would read into the very buffers its parent hands out.
     One pool per process: a trainer streams epoch after epoch from one data set, and the
@@ -249,20 +252,109 @@ _huge_pages_refused = False
 POOL = BufferPool()
 
 
-def read_direct(fd: int, start: int, end: int) -> np.ndarray:
-    """Bytes [start, end) of the file read with O_DIRECT into a page-aligned buffer from
-    POOL that begins at `start` rounded down to DIRECT_ALIGN."""
-    first = start - start % DIRECT_ALIGN
-    length = -(-(end - first) // DIRECT_ALIGN) * DIRECT_ALIGN
-    buffer = POOL.acquire(length)
-    view = memoryview(buffer)[:length]
-    done = 0
-    while done < end - first:
-        n = os.preadv(fd, [view[done:]], first + done)  # releases the GIL
-        if n == 0:
-            raise EOFError(f"file ends at {first + done}, needed bytes up to {end}")
-        done += n
-    return buffer
+class LandingReader:
+    """O_DIRECT reads of whole byte ranges, in the order submitted, through a few small
+    landing buffers: one thread reads `chunk` bytes at a time into the next free landing
+    buffer, a second copies each chunk out into the range's buffer from POOL.
+
+    Why not read straight into the buffers handed out (zero-copy, as this did before): on
+    the VM this was built on, the disk delivers less the more distinct memory its reads
+    land in - into one 4-16 MiB buffer 2.2-3.0 GB/s, into 32 MiB or more 1.8-1.9 GB/s,
+    whatever the request size (README "Shard storage") - and a zero-copy stream holds
+    several 16 MiB buffers (in flight, queued, held by the consumer): it read at 0.73 of
+    the one-buffer disk rate. Landing in three 4 MiB buffers and copying out (a memory
+    copy runs at 3-4x the disk's rate, here on the second core) reads at 0.84-0.92 of it.
+    One reading thread, so the disk sees one sequential read after another.
+    """
+
+    def __init__(self, *, chunk: int = 4 << 20, landing: int = 3):
+        if chunk <= 0 or chunk % DIRECT_ALIGN or landing < 2:
+            raise ValueError(f"LandingReader: chunk must be a positive multiple of {DIRECT_ALIGN} and "
+                             f"landing at least 2, got {chunk} and {landing}")
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        filled: queue.SimpleQueue = queue.SimpleQueue()
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(landing):
+            free.put(np.frombuffer(direct_buffer(-(-chunk // _HUGE_PAGE) * _HUGE_PAGE), dtype=np.uint8))
+        # The threads see the queues, not self: a stream dropped unclosed still ends them.
+        self._threads = [
+            threading.Thread(target=_read_chunks, args=(self._requests, free, filled, chunk),
+                             name="specmill-read", daemon=True),
+            threading.Thread(target=_copy_chunks, args=(filled, free), name="specmill-copy", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._stop = weakref.finalize(self, self._requests.put, None)
+
+    def submit(self, fd: int, start: int, end: int) -> Future:
+        """A future of bytes [start, end) of the file: a uint8 array from POOL whose first
+        byte is file byte `start` rounded down to DIRECT_ALIGN (OSError or EOFError if the
+        read fails). Cancel it to skip a range not yet being read."""
+        future: Future = Future()
+        self._requests.put((future, fd, start, end))
+        return future
+
+    def close(self) -> None:
+        """Stop once the ranges already submitted are read (or cancelled)."""
+        self._stop()
+        for thread in self._threads:
+            thread.join()
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def _read_chunks(requests: queue.SimpleQueue, free: queue.SimpleQueue, filled: queue.SimpleQueue,
+                 chunk: int) -> None:
+    """LandingReader's reading thread: each range chunk by chunk into free landing buffers."""
+    while (request := requests.get()) is not None:
+        future, fd, start, end = request
+        if not future.set_running_or_notify_cancel():
+            continue
+        first = start - start % DIRECT_ALIGN
+        need = end - first
+        length = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
+        done = 0
+        while done < need:
+            landing = free.get()
+            want, got, error = min(chunk, length - done), 0, None
+            try:
+                while got < min(want, need - done):
+                    n = os.preadv(fd, [memoryview(landing)[got:want]], first + done + got)  # GIL released
+                    if n == 0:
+                        raise EOFError(f"file ends at {first + done + got}, needed bytes up to {end}")
+                    got += n
+            except (OSError, EOFError) as e:
+                error = e
+            last = error is not None or done + got >= need
+            filled.put((future, length, done, landing, got, error, last))
+            if error is not None:
+                break
+            done += got
+    filled.put(None)
+
+
+def _copy_chunks(filled: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
+    """LandingReader's copying thread: chunks out of the landing buffers, in order."""
+    target = None
+    while (item := filled.get()) is not None:
+        future, length, done, landing, got, error, last = item
+        if future.done():  # an earlier chunk of this range failed
+            free.put(landing)
+            continue
+        try:
+            if error is None:
+                if done == 0:
+                    target = POOL.acquire(length)
+                np.copyto(target[done:done + got], landing[:got])  # GIL released
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for the range
+            error = e
+        free.put(landing)
+        if error is not None:
+            future.set_exception(error)
+            target = None
+        elif last:
+            future.set_result(target)
+            target = None
 
 
 class _Residency:
@@ -340,6 +432,7 @@ class _Slot:
     nbytes: int
     future: Future | None = None
     advise: bool = False  # read through the map: ask the kernel to read ahead
+    data: Future | None = None  # the O_DIRECT read that `future` decodes
 
 
 class SampleStream:
@@ -365,6 +458,7 @@ class SampleStream:
         self._ready: collections.deque[dict] = collections.deque()
         self._exhausted = False
         self._populate = residency().can_populate
+        self._reader: LandingReader | None = None  # started with the first O_DIRECT read
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         return self
@@ -387,10 +481,14 @@ class SampleStream:
     def close(self) -> None:
         self._exhausted = True
         for slot in self._slots:
-            if slot.future is not None:
-                slot.future.cancel()
+            for future in (slot.data, slot.future):
+                if future is not None:
+                    future.cancel()
         self._slots.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def __enter__(self) -> SampleStream:
         return self
@@ -449,5 +547,8 @@ class SampleStream:
             rows.append(r)
             indices.append(following)
             end = blocks[r].end
-        future = self._pool.submit(ds._read_direct, shard, rows, indices)
-        return _Slot(indices=tuple(indices), nbytes=end - start, future=future)
+        if self._reader is None:
+            self._reader = LandingReader()
+        data = self._reader.submit(source.direct_fd(), start, end)
+        future = self._pool.submit(ds._decode_direct, shard, rows, indices, data)  # decoded off the consumer
+        return _Slot(indices=tuple(indices), nbytes=end - start, future=future, data=data)

@@ -235,3 +235,91 @@ def test_buffer_pool_buffers_are_private_to_a_forked_worker():
     assert os.waitstatus_to_exitcode(status) == 0, "the child took another buffer than the parent's free one"
     again = pool.acquire(1 << 20)
     assert again.ctypes.data == address and again[:4096].max() == 1
+
+
+@pytest.fixture
+def direct_file(tmp_path) -> tuple[Path, bytes]:
+    path = tmp_path / "bytes.bin"
+    data = np.random.default_rng(0).integers(0, 256, size=(1 << 20) + 1234, dtype=np.uint8).tobytes()
+    path.write_bytes(data)  # not a whole number of blocks: the last read comes up short
+    fd = open_direct(path)
+    if fd is None:
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    os.close(fd)
+    return path, data
+
+
+def test_landing_reader_hands_back_each_range_whole_through_small_chunks(direct_file):
+    from shared.stream import DIRECT_ALIGN, LandingReader
+
+    path, data = direct_file
+    fd = open_direct(path)
+    reader = LandingReader(chunk=3 * DIRECT_ALIGN, landing=2)  # every range crosses several chunks
+    try:
+        ranges = [(0, 100), (5000, 70_000), (4096, 4096 + 3 * 4096), (123_457, len(data)), (len(data) - 1, len(data))]
+        futures = [reader.submit(fd, start, end) for start, end in ranges]
+        for (start, end), future in zip(ranges, futures):
+            got = future.result(timeout=30)
+            first = start - start % DIRECT_ALIGN
+            assert got.ctypes.data % DIRECT_ALIGN == 0
+            assert got[start - first:end - first].tobytes() == data[start:end]
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+def test_landing_reader_fails_one_range_past_the_end_and_serves_the_next(direct_file):
+    from shared.stream import LandingReader
+
+    path, data = direct_file
+    fd = open_direct(path)
+    reader = LandingReader(chunk=8192, landing=2)
+    try:
+        past = reader.submit(fd, len(data) - 10, len(data) + 50_000)
+        after = reader.submit(fd, 0, 20_000)
+        with pytest.raises(EOFError, match=f"file ends at {len(data)}"):
+            past.result(timeout=30)
+        assert after.result(timeout=30)[:20_000].tobytes() == data[:20_000]
+        bad = reader.submit(-1, 0, 4096)  # a closed descriptor: the OSError reaches the waiter
+        with pytest.raises(OSError):
+            bad.result(timeout=30)
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+def test_landing_reader_skips_cancelled_ranges_and_its_threads_end_unclosed(direct_file):
+    import gc
+
+    from shared.stream import LandingReader
+
+    path, data = direct_file
+    fd = open_direct(path)
+    reader = LandingReader(chunk=8192, landing=2)
+    gate = reader.submit(fd, 0, len(data))  # keeps the reading thread busy for a while
+    skipped = reader.submit(fd, 0, 4096)
+    assert skipped.cancel() or skipped.done()
+    assert gate.result(timeout=30)[:len(data)].tobytes() == data
+    assert skipped.cancelled()
+    threads = reader._threads
+    del reader, gate  # never closed: dropping it must still stop both threads
+    gc.collect()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    os.close(fd)
+
+
+def test_closing_a_cold_stream_midway_stops_its_reading_threads(ds_dir):
+    import threading
+
+    if not _o_direct_works(ds_dir):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    _evict(ds_dir)
+    before = {t.name for t in threading.enumerate()}
+    stream = Dataset(ds_dir).stream(readahead_bytes=1 << 30)  # everything submitted at once
+    first = next(stream)
+    assert {t.name for t in threading.enumerate()} - before >= {"specmill-read", "specmill-copy"}
+    stream.close()
+    assert not {t.name for t in threading.enumerate()} - before
+    _assert_same(first, Dataset(ds_dir)[0])
