@@ -481,12 +481,11 @@ class Dataset:
             opened = self._readers[shard] = kind(self.location, self.manifest.shards[shard], self._schema)
         return opened
 
-    def _populated(self, shard: int, row: int, index: int) -> list[dict[str, object]]:
-        """A cached sample of a local shard with its pages mapped in (runs in a stream thread)."""
+    def _mapped(self, shard: int, rows: Iterable[int], indices: Iterable[int]) -> list[dict[str, object]]:
+        """Rows of a local shard decoded from its memory map."""
         source = self._shard(shard)
-        block = source.blocks()[row]
-        residency().populate(source._base + block.offset, block.end - block.offset)
-        return [self._decode_raw(source.view, 0, block, shard, index)]
+        blocks = source.blocks()
+        return [self._decode_raw(source.view, 0, blocks[row], shard, index) for row, index in zip(rows, indices)]
 
     def _decode_direct(self, shard: int, rows: list[int], indices: list[int], read: Future) -> list[dict[str, object]]:
         """Consecutive rows of a local shard from their O_DIRECT read (runs in a stream thread)."""
@@ -656,6 +655,10 @@ class _MappedShard:
                                  f"{len(self._batches)}")
             self._blocks = blocks
         return self._blocks
+
+    def address(self, offset: int) -> int:
+        """Where file byte `offset` lies in this process's memory."""
+        return self._base + offset
 
     def cached(self, block: Block) -> bool:
         return residency().probably_cached(self._base + block.offset, block.end - block.offset)

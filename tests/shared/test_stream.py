@@ -96,6 +96,24 @@ def test_stream_yields_the_samples_of_getitem_in_the_given_order(ds_dir, cold, s
         _assert_same(sample, reference[int(i)])
 
 
+@pytest.mark.parametrize("populate", [True, False], ids=["populate", "populate-refused"])
+def test_a_partly_cached_stream_switches_between_map_runs_and_reads(ds_dir, monkeypatch, populate):
+    from shared.stream import residency
+
+    reference = Dataset(ds_dir)
+    _evict(ds_dir)
+    for i in [*range(3, 9), 15, 22, *range(30, 40)]:  # runs of cached samples between cold ones
+        reference[i]["aux_hidden_states"].sum()
+    monkeypatch.setattr(residency(), "_populate_ok", populate)
+    ds = Dataset(ds_dir)
+    cached = [ds._shard(k).cached(ds._shard(k).blocks()[r]) for k, r in map(ds.locate, range(len(ds)))]
+    assert any(cached) and not all(cached)
+    streamed = list(ds.stream(readahead_bytes=1 << 20, max_request=256 << 10))
+    assert len(streamed) == len(ds)
+    for i, sample in enumerate(streamed):
+        _assert_same(sample, reference[i])
+
+
 def test_cold_stream_reads_around_the_page_cache(ds_dir):
     if not _o_direct_works(ds_dir):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
