@@ -414,7 +414,7 @@ class Dataset:
         Samples not in the page cache are read with O_DIRECT where the filesystem allows it
         (`direct=False`: always through the memory map); see shared.stream for why. Up to
         `readahead_bytes` are read ahead: for an in-order epoch, ranges of neighbouring
-        samples of up to `max_request` bytes, read one after another by one thread; for a
+        samples of up to `max_request` bytes, read in file order by two threads; for a
         shuffled one, single samples. `threads` decode them and map cached samples in.
         """
         return SampleStream(self, range(len(self)) if indices is None else indices, direct=direct,

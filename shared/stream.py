@@ -5,8 +5,8 @@ map (or plain `read()`) ran at about half of what the disk gives an O_DIRECT rea
 the machines this was built on (`specmill shards bench`). So a stream reads every sample
 that is not already in the page cache with O_DIRECT: the record batch's whole byte range
 (neighbouring samples of one shard coalesced into one range of up to `max_request` bytes)
-is read in order by one thread, 4 MiB at a time, into a few small landing buffers in huge
-pages, and copied out into a buffer reused from a pool (`LandingReader` and `BufferPool`
+is read in order, 4 MiB at a time by two threads, into a few small landing buffers in
+huge pages, and copied out into a buffer reused from a pool (`LandingReader` and `BufferPool`
 say why); the tensors handed out are views of that buffer.
 Samples already in the page cache (`mincore`) are read through the memory map, as
 `Dataset[i]` does (O_DIRECT would go back to the disk for them), with a pool thread
@@ -255,33 +255,37 @@ POOL = BufferPool()
 
 class LandingReader:
     """O_DIRECT reads of whole byte ranges, in the order submitted, through a few small
-    landing buffers: one thread reads `chunk` bytes at a time into the next free landing
-    buffer, a second copies each chunk out into the range's buffer from POOL.
+    landing buffers: `readers` threads read the ranges' `chunk`-byte pieces in file order,
+    each into the next free landing buffer, and one more thread copies each piece out into
+    its range's buffer from POOL.
 
     Why not read straight into the buffers handed out (zero-copy, as this did before): on
     the VM this was built on, the disk delivers less the more distinct memory its reads
     land in - into one 4-16 MiB buffer 2.2-3.0 GB/s, into 32 MiB or more 1.8-1.9 GB/s,
     whatever the request size (README "Shard storage") - and a zero-copy stream holds
-    several 16 MiB buffers (in flight, queued, held by the consumer): it read at 0.73 of
-    the one-buffer disk rate. Landing in three 4 MiB buffers and copying out (a memory
-    copy runs at 3-4x the disk's rate, here on the second core) reads at 0.84-0.92 of it.
-    One reading thread, so the disk sees one sequential read after another.
+    several 16 MiB buffers (in flight, queued, held by the consumer). Landing in three
+    4 MiB buffers and copying out (a memory copy runs at 3-4x the disk's rate, on the
+    second core) kept the reads near the one-buffer rate. Two readers, because one 4 MiB
+    read at a time left the disk idle between requests when its latency rose (0.77 of the
+    disk against 0.83-0.90 for two readers, same minutes; a fourth landing buffer, or a
+    third reader with it, did no better).
     """
 
-    def __init__(self, *, chunk: int = 4 << 20, landing: int = 3):
-        if chunk <= 0 or chunk % DIRECT_ALIGN or landing < 2:
-            raise ValueError(f"LandingReader: chunk must be a positive multiple of {DIRECT_ALIGN} and "
-                             f"landing at least 2, got {chunk} and {landing}")
+    def __init__(self, *, chunk: int = 4 << 20, readers: int = 2, landing: int = 3):
+        if chunk <= 0 or chunk % DIRECT_ALIGN or readers < 1 or landing <= readers:
+            raise ValueError(f"LandingReader: chunk must be a positive multiple of {DIRECT_ALIGN}, readers at "
+                             f"least 1 and landing more than readers; got {chunk}, {readers}, {landing}")
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         filled: queue.SimpleQueue = queue.SimpleQueue()
         free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(landing):
             free.put(np.frombuffer(direct_buffer(-(-chunk // _HUGE_PAGE) * _HUGE_PAGE), dtype=np.uint8))
+        pieces = _Pieces(self._requests, chunk)
         # The threads see the queues, not self: a stream dropped unclosed still ends them.
-        self._threads = [
-            threading.Thread(target=_read_chunks, args=(self._requests, free, filled, chunk),
-                             name="specmill-read", daemon=True),
-            threading.Thread(target=_copy_chunks, args=(filled, free), name="specmill-copy", daemon=True)]
+        self._threads = [threading.Thread(target=_read_pieces, args=(pieces, free, filled),
+                                          name="specmill-read", daemon=True) for _ in range(readers)]
+        self._threads.append(threading.Thread(target=_copy_pieces, args=(filled, free, readers),
+                                              name="specmill-copy", daemon=True))
         for thread in self._threads:
             thread.start()
         self._stop = weakref.finalize(self, self._requests.put, None)
@@ -304,58 +308,101 @@ class LandingReader:
 _HUGE_PAGE = 2 << 20
 
 
-def _read_chunks(requests: queue.SimpleQueue, free: queue.SimpleQueue, filled: queue.SimpleQueue,
-                 chunk: int) -> None:
-    """LandingReader's reading thread: each range chunk by chunk into free landing buffers."""
-    while (request := requests.get()) is not None:
-        future, fd, start, end = request
-        if not future.set_running_or_notify_cancel():
-            continue
-        first = start - start % DIRECT_ALIGN
-        need = end - first
-        length = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
-        done = 0
-        while done < need:
-            landing = free.get()
-            want, got, error = min(chunk, length - done), 0, None
-            try:
-                while got < min(want, need - done):
-                    n = os.preadv(fd, [memoryview(landing)[got:want]], first + done + got)  # GIL released
-                    if n == 0:
-                        raise EOFError(f"file ends at {first + done + got}, needed bytes up to {end}")
-                    got += n
-            except (OSError, EOFError) as e:
-                error = e
-            last = error is not None or done + got >= need
-            filled.put((future, length, done, landing, got, error, last))
-            if error is not None:
-                break
-            done += got
-    filled.put(None)
+@dataclass(slots=True)
+class _Range:
+    """One submitted range on its way through LandingReader."""
+
+    future: Future
+    fd: int
+    first: int  # file offset of byte 0 of the range's buffer (start rounded down)
+    end: int
+    length: int  # of the buffer: end - first rounded up to DIRECT_ALIGN
+    left: int  # bytes not yet copied out
+    target: np.ndarray | None = None
+    failed: bool = False
 
 
-def _copy_chunks(filled: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
-    """LandingReader's copying thread: chunks out of the landing buffers, in order."""
-    target = None
-    while (item := filled.get()) is not None:
-        future, length, done, landing, got, error, last = item
-        if future.done():  # an earlier chunk of this range failed
+class _Pieces:
+    """The pieces of the submitted ranges, handed out in file order to the reading threads."""
+
+    def __init__(self, requests: queue.SimpleQueue, chunk: int):
+        self._requests, self.chunk = requests, chunk
+        self._lock = threading.Lock()
+        self._range: _Range | None = None
+        self._next = 0  # offset of the next piece in self._range
+        self._stopped = False
+
+    def take(self) -> tuple[_Range, int, int] | None:
+        """(range, offset in its buffer, bytes to read) of the next piece; None once stopped."""
+        with self._lock:
+            while self._range is None or self._range.failed or self._next >= self._range.end - self._range.first:
+                if self._stopped:
+                    return None
+                request = self._requests.get()
+                if request is None:
+                    self._stopped = True
+                    return None
+                future, fd, start, end = request
+                if not future.set_running_or_notify_cancel():
+                    continue
+                first = start - start % DIRECT_ALIGN
+                length = -(-(end - first) // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._range, self._next = _Range(future, fd, first, end, length, left=end - first), 0
+            part, offset = self._range, self._next
+            self._next += self.chunk
+            return part, offset, min(self.chunk, part.end - part.first - offset)
+
+
+def _read_pieces(pieces: _Pieces, free: queue.SimpleQueue, filled: queue.SimpleQueue) -> None:
+    """A LandingReader reading thread: the next piece into the next free landing buffer."""
+    while True:
+        landing = free.get()
+        piece = pieces.take()
+        if piece is None:
             free.put(landing)
-            continue
+            filled.put(None)
+            return
+        part, offset, need = piece
+        got, error = 0, None
         try:
-            if error is None:
-                if done == 0:
-                    target = POOL.acquire(length)
-                np.copyto(target[done:done + got], landing[:got])  # GIL released
-        except Exception as e:  # noqa: BLE001 - handed to whoever waits for the range
+            want = min(pieces.chunk, part.length - offset)  # whole blocks: O_DIRECT reads no less
+            while got < need:
+                n = os.preadv(part.fd, [memoryview(landing)[got:want]], part.first + offset + got)  # GIL released
+                if n == 0:
+                    raise EOFError(f"file ends at {os.fstat(part.fd).st_size}, needed bytes up to {part.end}")
+                got += n
+        except (OSError, EOFError) as e:
             error = e
+        filled.put((part, offset, landing, min(got, need), error))
+
+
+def _copy_pieces(filled: queue.SimpleQueue, free: queue.SimpleQueue, readers: int) -> None:
+    """LandingReader's copying thread: pieces out of the landing buffers into their ranges'."""
+    ended = 0
+    while ended < readers:
+        item = filled.get()
+        if item is None:
+            ended += 1
+            continue
+        part, offset, landing, got, error = item
+        if not part.failed:
+            try:
+                if error is None:
+                    if part.target is None:
+                        part.target = POOL.acquire(part.length)
+                    np.copyto(part.target[offset:offset + got], landing[:got])  # GIL released
+            except Exception as e:  # noqa: BLE001 - handed to whoever waits for the range
+                error = e
+            if error is not None:
+                part.failed = True
+                part.target = None
+                part.future.set_exception(error)
+            else:
+                part.left -= got
+                if part.left == 0:
+                    part.future.set_result(part.target)
+                    part.target = None
         free.put(landing)
-        if error is not None:
-            future.set_exception(error)
-            target = None
-        elif last:
-            future.set_result(target)
-            target = None
 
 
 class _Residency:

@@ -267,12 +267,14 @@ def direct_file(tmp_path) -> tuple[Path, bytes]:
     return path, data
 
 
-def test_landing_reader_hands_back_each_range_whole_through_small_chunks(direct_file):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_landing_reader_hands_back_each_range_whole_through_small_chunks(direct_file, readers):
     from shared.stream import DIRECT_ALIGN, LandingReader
 
     path, data = direct_file
     fd = open_direct(path)
-    reader = LandingReader(chunk=3 * DIRECT_ALIGN, landing=2)  # every range crosses several chunks
+    # every range crosses several chunks; with 3 readers they land out of order
+    reader = LandingReader(chunk=3 * DIRECT_ALIGN, readers=readers, landing=readers + 1)
     try:
         ranges = [(0, 100), (5000, 70_000), (4096, 4096 + 3 * 4096), (123_457, len(data)), (len(data) - 1, len(data))]
         futures = [reader.submit(fd, start, end) for start, end in ranges]
@@ -291,7 +293,7 @@ def test_landing_reader_fails_one_range_past_the_end_and_serves_the_next(direct_
 
     path, data = direct_file
     fd = open_direct(path)
-    reader = LandingReader(chunk=8192, landing=2)
+    reader = LandingReader(chunk=8192, readers=2, landing=3)
     try:
         past = reader.submit(fd, len(data) - 10, len(data) + 50_000)
         after = reader.submit(fd, 0, 20_000)
@@ -313,7 +315,7 @@ def test_landing_reader_skips_cancelled_ranges_and_its_threads_end_unclosed(dire
 
     path, data = direct_file
     fd = open_direct(path)
-    reader = LandingReader(chunk=8192, landing=2)
+    reader = LandingReader(chunk=8192, readers=2, landing=3)
     gate = reader.submit(fd, 0, len(data))  # keeps the reading thread busy for a while
     skipped = reader.submit(fd, 0, 4096)
     assert skipped.cancel() or skipped.done()
@@ -331,6 +333,8 @@ def test_landing_reader_skips_cancelled_ranges_and_its_threads_end_unclosed(dire
 def test_closing_a_cold_stream_midway_stops_its_reading_threads(ds_dir):
     import threading
 
+    from shared.stream import LandingReader
+
     if not _o_direct_works(ds_dir):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
     _evict(ds_dir)
@@ -338,6 +342,8 @@ def test_closing_a_cold_stream_midway_stops_its_reading_threads(ds_dir):
     stream = Dataset(ds_dir).stream(readahead_bytes=1 << 30)  # everything submitted at once
     first = next(stream)
     assert {t.name for t in threading.enumerate()} - before >= {"specmill-read", "specmill-copy"}
+    with pytest.raises(ValueError, match="landing more than readers"):
+        LandingReader(readers=2, landing=2)
     stream.close()
     assert not {t.name for t in threading.enumerate()} - before
     _assert_same(first, Dataset(ds_dir)[0])
