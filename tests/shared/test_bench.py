@@ -104,12 +104,16 @@ def test_the_spread_probe_reads_each_chunk_into_the_next_of_its_buffers(tmp_path
     data = one.path.read_bytes()
     assert len(data) == 32 << 20
     assert bytes(spread._buffers[0]) == data[:16 << 20] and bytes(spread._buffers[1]) == data[16 << 20:]
-    assert bytes(one._buffers[0]) == data[16 << 20:]  # one buffer: the last chunk is what is left
+    # one buffer, read last by two threads in turn, 4 MiB each: chunks 6 and 7 are what is left
+    assert bytes(one._buffers[0])[:8 << 20] == data[24 << 20:]
     assert one.requests == (4 << 20, 16 << 20) and spread.requests == (16 << 20,)
 
 
 def test_the_one_buffer_probe_counts_the_faster_request_size(tmp_path, monkeypatch):
     one = bench.DiskProbe(tmp_path / "probe.bin", 16 << 20)
     seen = []
-    monkeypatch.setattr(one, "_read_mbps", lambda request: seen.append(request) or {4 << 20: 900.0, 16 << 20: 700.0}[request])
-    assert one.read_mbps() == 900.0 and seen == [4 << 20, 16 << 20]
+    assert one._read_mbps(4 << 20, in_flight=2) > 0  # two threads take turns over the file
+    rates = {(4 << 20, 1): 900.0, (16 << 20, 1): 700.0, (4 << 20, 2): 800.0}
+    monkeypatch.setattr(one, "_read_mbps", lambda request, in_flight=1: seen.append((request, in_flight))
+                        or rates[request, in_flight])
+    assert one.read_mbps() == 900.0 and seen == list(rates)
