@@ -13,8 +13,9 @@ The limits are measured in the same run and the same way:
   right before every warm pass of every format; a format's warm read (best pass) is
   compared to the best of its own interleaved copies.
 - disk: a sequential O_DIRECT read of a file written in this run into one pre-faulted
-  buffer in huge pages, in 4 MiB and in 16 MiB requests, the faster counting (the stream
-  reads 4 MiB at a time into such buffers: `shared.stream.LandingReader`), taken right
+  buffer in huge pages, in 4 MiB requests, in 16 MiB ones and in 4 MiB ones two at a time,
+  the fastest counting (the stream reads 4 MiB pieces, two at a time, into such buffers:
+  `shared.stream.LandingReader`), taken right
   before and right after every cold read (the disk here drifts by 2x within minutes), and
   each cold read is compared to the mean of its own two probes; each format is read cold
   `cold_passes` times and the median round counts.
@@ -819,7 +820,7 @@ def format_report(figures: dict) -> str:
               "                   each warm read ('x copy') is compared to the best of its own interleaved passes;",
               f"                   one whole-buffer copy for reference: {limits['memcpy_whole_buffer_mbps']:.0f} MB/s",
               f"disk read limit    {limits['disk_read_mbps']:.0f} MB/s: O_DIRECT into one buffer, 4 or 16 MiB requests "
-              f"(the faster), median of {len(disk)} probes "
+              f"or 4 MiB two at a time (the fastest), median of {len(disk)} probes "
               f"({min(disk):.0f}-{max(disk):.0f});",
               "                   each cold read ('x disk') is compared to the mean of its own before/after probes",
               f"                   (median of {figures['config']['cold_passes']} such rounds per format)",
