@@ -661,7 +661,7 @@ class _MappedShard:
         return self._base + offset
 
     def cached(self, block: Block) -> bool:
-        return residency().probably_cached(self._base + block.offset, block.end - block.offset)
+        return residency().probably_cached(self.address(block.offset), block.end - block.offset)
 
     def sample_bytes(self, row: int) -> int:
         block = self.blocks()[row]

@@ -256,23 +256,23 @@ def test_buffer_pool_buffers_are_private_to_a_forked_worker():
 
 
 @pytest.fixture
-def direct_file(tmp_path) -> tuple[Path, bytes]:
+def direct_file(tmp_path):
+    """(an O_DIRECT descriptor, the file's bytes), closed after the test."""
     path = tmp_path / "bytes.bin"
     data = np.random.default_rng(0).integers(0, 256, size=(1 << 20) + 1234, dtype=np.uint8).tobytes()
     path.write_bytes(data)  # not a whole number of blocks: the last read comes up short
     fd = open_direct(path)
     if fd is None:
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    yield fd, data
     os.close(fd)
-    return path, data
 
 
 @pytest.mark.parametrize("readers", [1, 3])
 def test_landing_reader_hands_back_each_range_whole_through_small_chunks(direct_file, readers):
     from shared.stream import DIRECT_ALIGN, LandingReader
 
-    path, data = direct_file
-    fd = open_direct(path)
+    fd, data = direct_file
     # every range crosses several chunks; with 3 readers they land out of order
     reader = LandingReader(chunk=3 * DIRECT_ALIGN, readers=readers, landing=readers + 1)
     try:
@@ -285,14 +285,12 @@ def test_landing_reader_hands_back_each_range_whole_through_small_chunks(direct_
             assert got[start - first:end - first].tobytes() == data[start:end]
     finally:
         reader.close()
-        os.close(fd)
 
 
 def test_landing_reader_fails_one_range_past_the_end_and_serves_the_next(direct_file):
     from shared.stream import LandingReader
 
-    path, data = direct_file
-    fd = open_direct(path)
+    fd, data = direct_file
     reader = LandingReader(chunk=8192, readers=2, landing=3)
     try:
         past = reader.submit(fd, len(data) - 10, len(data) + 50_000)
@@ -305,7 +303,6 @@ def test_landing_reader_fails_one_range_past_the_end_and_serves_the_next(direct_
             bad.result(timeout=30)
     finally:
         reader.close()
-        os.close(fd)
 
 
 def test_landing_reader_skips_cancelled_ranges_and_its_threads_end_unclosed(direct_file):
@@ -313,8 +310,7 @@ def test_landing_reader_skips_cancelled_ranges_and_its_threads_end_unclosed(dire
 
     from shared.stream import LandingReader
 
-    path, data = direct_file
-    fd = open_direct(path)
+    fd, data = direct_file
     reader = LandingReader(chunk=8192, readers=2, landing=3)
     gate = reader.submit(fd, 0, len(data))  # keeps the reading thread busy for a while
     skipped = reader.submit(fd, 0, 4096)
@@ -327,7 +323,6 @@ def test_landing_reader_skips_cancelled_ranges_and_its_threads_end_unclosed(dire
     for thread in threads:
         thread.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
-    os.close(fd)
 
 
 def test_closing_a_cold_stream_midway_stops_its_reading_threads(ds_dir):
