@@ -10,8 +10,9 @@ huge pages, and copied out into a buffer reused from a pool (`LandingReader` and
 say why); the tensors handed out are views of that buffer.
 Samples already in the page cache (`mincore`) are read through the memory map, as
 `Dataset[i]` does (O_DIRECT would go back to the disk for them), with a pool thread
-mapping their pages in (MADV_POPULATE_READ) ahead of the consumer: on a fresh map the
-page faults cost about a third of a warm read, and this moves them to another core.
+mapping their pages in (MADV_POPULATE_READ) and decoding them ahead of the consumer: on a
+fresh map the page faults cost about a third of a warm read, the decode a twentieth, and
+this moves both to another core, where they overlap the consumer's own copying.
 
 O_DIRECT is detected per shard file, not assumed: where the filesystem refuses it (tmpfs,
 some network filesystems) the stream reads through the map, with kernel read-ahead.
@@ -25,6 +26,7 @@ import collections
 import ctypes
 import logging
 import mmap
+import operator
 import os
 import queue
 import struct
@@ -32,7 +34,7 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -47,6 +49,7 @@ DIRECT_ALIGN = 4096
 _MADV_POPULATE_READ = 22  # Linux 5.14+, not in Python 3.11's mmap module
 _MADV_POPULATE_WRITE = 23
 _POPULATE_STEP = 4 << 20
+_HUGE_PAGE = 2 << 20
 _ARROW_MAGIC = b"ARROW1"
 
 
@@ -98,13 +101,13 @@ def record_batch_blocks(tail: memoryview | bytes) -> list[Block]:
         raise FooterError(f"footer is malformed ({e})") from None
 
 
-@dataclass(frozen=True, slots=True)
-class BatchLayout:
-    """A one-batch IPC message's body: per field (length, null_count), per buffer
-    (offset, length) relative to the body, and where the body starts."""
+class BatchLayout(NamedTuple):
+    """A one-batch IPC message's body: per field (length, null_count) and per buffer
+    (offset, length) relative to the body, flat (field k's at [2k], [2k + 1]), and where
+    the body starts."""
 
-    nodes: tuple[tuple[int, int], ...]
-    buffers: tuple[tuple[int, int], ...]
+    nodes: tuple[int, ...]
+    buffers: tuple[int, ...]
     body: int
 
 
@@ -158,10 +161,10 @@ def batch_layout(view: memoryview, start: int, block: Block, n_fields: int, n_bu
     finally:
         fb.release()
     body = start + block.metadata_length
-    pairs = tuple(zip(buffers[::2], buffers[1::2]))
-    if any(off < 0 or length < 0 or off + length > block.body_length for off, length in pairs):
+    offsets, lengths = buffers[::2], buffers[1::2]
+    if count and (min(offsets) < 0 or min(lengths) < 0 or max(map(operator.add, offsets, lengths)) > block.body_length):
         raise FooterError(f"record batch at byte {block.offset} has a buffer outside its body")
-    return BatchLayout(nodes=tuple(zip(nodes[::2], nodes[1::2])), buffers=pairs, body=body)
+    return BatchLayout(nodes=nodes, buffers=buffers, body=body)
 
 
 def open_direct(path: str | os.PathLike) -> int | None:
@@ -200,12 +203,14 @@ class BufferPool:
         self._free_bytes = 0
         self._lock = threading.Lock()
 
-    def acquire(self, nbytes: int) -> np.ndarray:
+    def acquire(self, nbytes: int, *, exact: bool = False) -> np.ndarray:
         """A uint8 array of at least `nbytes` over a page-aligned buffer; the buffer returns
-        to the pool when this array (and everything viewing it) is garbage."""
-        size = _pool_size(nbytes)
+        to the pool when this array (and everything viewing it) is garbage. `exact`: a
+        buffer of `nbytes` rounded up to whole huge pages only (a landing buffer: small on
+        purpose), not one of the pool's common sizes."""
+        size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE if exact else _pool_size(nbytes)
         with self._lock:
-            fits = [m for m in self._free if len(m) >= size]
+            fits = [m for m in self._free if (len(m) == size if exact else len(m) >= size)]
             buffer = min(fits, key=len) if fits else None
             if buffer is not None:
                 self._free.remove(buffer)
@@ -278,13 +283,11 @@ class LandingReader:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         filled: queue.SimpleQueue = queue.SimpleQueue()
         free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(landing):
-            free.put(np.frombuffer(direct_buffer(-(-chunk // _HUGE_PAGE) * _HUGE_PAGE), dtype=np.uint8))
         pieces = _Pieces(self._requests, chunk)
         # The threads see the queues, not self: a stream dropped unclosed still ends them.
         self._threads = [threading.Thread(target=_read_pieces, args=(pieces, free, filled),
                                           name="specmill-read", daemon=True) for _ in range(readers)]
-        self._threads.append(threading.Thread(target=_copy_pieces, args=(filled, free, readers),
+        self._threads.append(threading.Thread(target=_copy_pieces, args=(filled, free, readers, chunk, landing),
                                               name="specmill-copy", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -304,8 +307,6 @@ class LandingReader:
         for thread in self._threads:
             thread.join()
 
-
-_HUGE_PAGE = 2 << 20
 
 
 @dataclass(slots=True)
@@ -376,8 +377,15 @@ def _read_pieces(pieces: _Pieces, free: queue.SimpleQueue, filled: queue.SimpleQ
         filled.put((part, offset, landing, min(got, need), error))
 
 
-def _copy_pieces(filled: queue.SimpleQueue, free: queue.SimpleQueue, readers: int) -> None:
-    """LandingReader's copying thread: pieces out of the landing buffers into their ranges'."""
+def _copy_pieces(filled: queue.SimpleQueue, free: queue.SimpleQueue, readers: int, chunk: int,
+                 landing: int) -> None:
+    """LandingReader's copying thread: first the landing buffers (from POOL, where the
+    last reader left them: fresh ones fault in at ~0.4 GB/s on the VMs this was built
+    on, 30 ms for three, which the stream's consumer should not wait for), then pieces
+    out of them into their ranges' buffers. The landing buffers go back to POOL when the
+    threads are done with the queues."""
+    for _ in range(landing):
+        free.put(POOL.acquire(chunk, exact=True))
     ended = 0
     while ended < readers:
         item = filled.get()
@@ -487,7 +495,14 @@ class _Slot:
     future: Future | None = None
     advise: bool = False  # read through the map: ask the kernel to read ahead
     data: Future | None = None  # the O_DIRECT read that `future` decodes
-    mapped: tuple[int, tuple[int, ...]] | None = None  # (shard, rows) cached: decoded from the map by the consumer
+
+
+def _map_in(ds: Dataset, shard: int, rows: list[int], indices: list[int], address: int, length: int,
+            populate: bool) -> list[dict[str, object]]:
+    """Cached consecutive rows of a shard: their pages mapped in, then decoded from the map."""
+    if populate:
+        residency().populate(address, length)
+    return ds._mapped(shard, rows, indices)
 
 
 class SampleStream:
@@ -526,11 +541,8 @@ class SampleStream:
                 raise StopIteration
             slot = self._slots.popleft()
             self._in_flight -= slot.nbytes
-            done = slot.future.result() if slot.future is not None else None
-            if slot.mapped is not None:  # 25 us a sample: here, not handed back from a thread
-                self._ready.extend(self._ds._mapped(*slot.mapped, slot.indices))
-            elif done is not None:
-                self._ready.extend(done)
+            if slot.future is not None:
+                self._ready.extend(slot.future.result())
             else:
                 self._ready.extend(self._ds._get(i, readahead=slot.advise) for i in slot.indices)
             self._fill()
@@ -605,11 +617,12 @@ class SampleStream:
             indices.append(following)
             end = blocks[r].end
         if cached:
-            # Read through the map; a pool thread maps the pages in ahead of the consumer
-            # (page faults cost a third of a warm read, and here they run on another core).
-            future = self._pool.submit(residency().populate, source.address(start), end - start) \
-                if self._populate else None
-            return _Slot(indices=tuple(indices), nbytes=end - start, future=future, mapped=(shard, tuple(rows)))
+            # Read through the map: a pool thread maps the pages in and decodes the samples
+            # ahead of the consumer (page faults cost a third of a warm read, the decode a
+            # twentieth; both run on another core while the consumer copies).
+            future = self._pool.submit(_map_in, ds, shard, rows, indices, source.address(start), end - start,
+                                       self._populate)
+            return _Slot(indices=tuple(indices), nbytes=end - start, future=future)
         if self._reader is None:
             self._reader = LandingReader()
         data = self._reader.submit(source.direct_fd(), start, end)

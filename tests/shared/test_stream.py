@@ -178,6 +178,52 @@ def test_corrupt_record_batch_in_a_cold_stream_names_the_shard(ds_dir, tmp_path)
         list(Dataset(copy).stream())
 
 
+def _damage(path: Path, row: int, how: str) -> None:
+    """Rewrite bytes of record batch `row` so that its layout still parses but a field lies."""
+    from shared.shards import _FIELDS, _FIRST_BUFFER, _N_BUFFERS
+    from shared.stream import batch_layout
+
+    data = bytearray(path.read_bytes())
+    block = record_batch_blocks(bytes(data))[row]
+    nodes, buffers, body = batch_layout(memoryview(data), block.offset, block, len(_FIELDS), _N_BUFFERS)
+    if how == "offsets":  # aux_hidden_states' row 0 ends past its data buffer
+        offsets = body + buffers[2 * _FIRST_BUFFER["aux_hidden_states"] + 2]
+        data[offsets + 8:offsets + 16] = (buffers[2 * _FIRST_BUFFER["aux_hidden_states"] + 5] + 1).to_bytes(8, "little")
+    else:  # one token more than the tensors hold
+        value = body + buffers[2 * _FIRST_BUFFER["num_tokens"] + 2]
+        t = int.from_bytes(data[value:value + 4], "little")
+        data[value:value + 4] = (t + 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how,message", [
+    pytest.param("offsets", r"sample 2 field aux_hidden_states has offsets \[0, \d+\) outside its \d+-byte "
+                 r"data buffer", id="offsets"),
+    pytest.param("num_tokens", r"sample 2: field input_ids holds \d+ bytes, expected \d+ for shape", id="num_tokens"),
+])
+@pytest.mark.parametrize("read", ["getitem", "warm-stream", "cold-stream"])
+def test_a_sample_whose_field_lies_is_named_with_its_file_and_field(ds_dir, tmp_path, how, message, read):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(ds_dir, copy)
+    victim = load_manifest(copy).shards[0].file
+    _damage(copy / victim, 2, how)
+    ds = Dataset(copy)
+    assert ds.locate(2) == (0, 2)
+    if read == "cold-stream":
+        if not _o_direct_works(copy):
+            pytest.skip("the test directory's filesystem refuses O_DIRECT")
+        _evict(copy)
+    else:  # just written: cached, a warm stream decodes on its pool thread
+        assert _cached_fraction(copy) == 1.0
+    with pytest.raises(ShardError, match=f"{victim}:? {message}"):
+        if read == "getitem":
+            ds[2]
+        else:
+            list(ds.stream(readahead_bytes=1 << 20, max_request=256 << 10))
+
+
 def test_residency_sees_an_evicted_file_as_not_cached(ds_dir):
     def first_sample_cached() -> bool:
         source = Dataset(ds_dir)._shard(0)
@@ -285,6 +331,33 @@ def test_landing_reader_hands_back_each_range_whole_through_small_chunks(direct_
             assert got[start - first:end - first].tobytes() == data[start:end]
     finally:
         reader.close()
+
+
+def test_landing_buffers_are_made_off_the_callers_thread_and_reused_by_the_next_reader(direct_file, monkeypatch):
+    # Fresh memory faults in slowly: a warm stream that meets one evicted sample started a
+    # reader and waited ~30 ms for its landing buffers on every epoch.
+    import threading
+
+    from shared import stream
+
+    made: list[tuple[int, str]] = []
+    real = stream.direct_buffer
+    monkeypatch.setattr(stream, "direct_buffer",
+                        lambda size: made.append((size, threading.current_thread().name)) or real(size))
+    monkeypatch.setattr(stream, "POOL", stream.BufferPool())
+    fd, data = direct_file
+    for round in range(3):
+        reader = stream.LandingReader(chunk=8192, readers=2, landing=3)
+        try:
+            got = reader.submit(fd, 100, 20_000).result(timeout=30)
+            assert got[100:20_000].tobytes() == data[100:20_000]
+            del got
+        finally:
+            reader.close()
+        if round == 0:  # three landing buffers (whole huge pages) and the range's own
+            assert sorted(size for size, _ in made) == [2 << 20] * 3 + [18 << 20]
+            assert {name for _, name in made} == {"specmill-copy"}
+    assert len(made) == 4, "a later reader made buffers instead of taking the pool's"
 
 
 def test_landing_reader_fails_one_range_past_the_end_and_serves_the_next(direct_file):
