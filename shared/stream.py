@@ -308,7 +308,6 @@ class LandingReader:
             thread.join()
 
 
-
 @dataclass(slots=True)
 class _Range:
     """One submitted range on its way through LandingReader."""
@@ -364,6 +363,9 @@ def _read_pieces(pieces: _Pieces, free: queue.SimpleQueue, filled: queue.SimpleQ
             filled.put(None)
             return
         part, offset, need = piece
+        if isinstance(landing, OSError):  # no memory for landing buffers: every range fails with that
+            filled.put((part, offset, landing, 0, landing))
+            continue
         got, error = 0, None
         try:
             want = min(pieces.chunk, part.length - offset)  # whole blocks: O_DIRECT reads no less
@@ -380,12 +382,16 @@ def _read_pieces(pieces: _Pieces, free: queue.SimpleQueue, filled: queue.SimpleQ
 def _copy_pieces(filled: queue.SimpleQueue, free: queue.SimpleQueue, readers: int, chunk: int,
                  landing: int) -> None:
     """LandingReader's copying thread: first the landing buffers (from POOL, where the
-    last reader left them: fresh ones fault in at ~0.4 GB/s on the VMs this was built
-    on, 30 ms for three, which the stream's consumer should not wait for), then pieces
+    last reader left them: fresh ones fault in at 0.4-0.9 GB/s on the VMs this was built
+    on, 13-30 ms for three, which the stream's consumer should not wait for), then pieces
     out of them into their ranges' buffers. The landing buffers go back to POOL when the
-    threads are done with the queues."""
+    threads are done with the queues. If they cannot be had, the error stands in for
+    them, so that every range fails with it rather than waiting forever."""
     for _ in range(landing):
-        free.put(POOL.acquire(chunk, exact=True))
+        try:
+            free.put(POOL.acquire(chunk, exact=True))
+        except OSError as e:
+            free.put(e)
     ended = 0
     while ended < readers:
         item = filled.get()

@@ -360,6 +360,27 @@ def test_landing_buffers_are_made_off_the_callers_thread_and_reused_by_the_next_
     assert len(made) == 4, "a later reader made buffers instead of taking the pool's"
 
 
+def test_landing_reader_without_memory_for_its_buffers_fails_each_range_instead_of_hanging(direct_file,
+                                                                                            monkeypatch):
+    import errno
+
+    from shared import stream
+
+    def no_memory(size):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(stream, "direct_buffer", no_memory)
+    monkeypatch.setattr(stream, "POOL", stream.BufferPool())
+    fd, _ = direct_file
+    reader = stream.LandingReader(chunk=8192, readers=2, landing=3)
+    try:
+        for future in [reader.submit(fd, 0, 20_000), reader.submit(fd, 20_000, 30_000)]:
+            with pytest.raises(OSError, match="Cannot allocate memory"):
+                future.result(timeout=30)
+    finally:
+        reader.close()
+
+
 def test_landing_reader_fails_one_range_past_the_end_and_serves_the_next(direct_file):
     from shared.stream import LandingReader
 
