@@ -627,8 +627,12 @@ class _MappedShard:
             batch = self._batches[row] = self.reader.get_batch(row)
         return batch
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        return self.reader.read_all().column(name)
+    def column(self, name: str) -> pa.Array:
+        """One column of every row, copied out while faulting in only the pages it lies on
+        (with the kernel's read-around, the trainer's `lengths()` cached the whole data set
+        and made every stream of it take it for warm)."""
+        with _no_read_around(self.map):
+            return self.reader.read_all().column(name).combine_chunks()
 
     def will_need(self, row: int, *, ahead: int = 0) -> None:
         block = self.blocks()[row]

@@ -202,6 +202,7 @@ class BufferPool:
         self._free: list[mmap.mmap] = []
         self._free_bytes = 0
         self._lock = threading.Lock()
+        self._returned: collections.deque[mmap.mmap] = collections.deque()  # freed while the lock was held
 
     def acquire(self, nbytes: int, *, exact: bool = False) -> np.ndarray:
         """A uint8 array of at least `nbytes` over a page-aligned buffer; the buffer returns
@@ -210,6 +211,8 @@ class BufferPool:
         purpose), not one of the pool's common sizes."""
         size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE if exact else _pool_size(nbytes)
         with self._lock:
+            while self._returned:
+                self._keep(self._returned.popleft())
             fits = [m for m in self._free if (len(m) == size if exact else len(m) >= size)]
             buffer = min(fits, key=len) if fits else None
             if buffer is not None:
@@ -222,10 +225,22 @@ class BufferPool:
         return array
 
     def _release(self, buffer: mmap.mmap) -> None:
-        with self._lock:
-            if self._free_bytes + len(buffer) <= self.keep_bytes:
-                self._free.append(buffer)
-                self._free_bytes += len(buffer)
+        """A finalizer: it runs in whichever thread drops the last view, at any allocation
+        when a garbage collection frees it - also inside `acquire`, lock held (a stream's
+        copy thread deadlocked on itself so). So it never waits for the lock: if the lock
+        is busy, the buffer is filed by the next `acquire`."""
+        if not self._lock.acquire(blocking=False):
+            self._returned.append(buffer)
+            return
+        try:
+            self._keep(buffer)
+        finally:
+            self._lock.release()
+
+    def _keep(self, buffer: mmap.mmap) -> None:  # lock held
+        if self._free_bytes + len(buffer) <= self.keep_bytes:
+            self._free.append(buffer)
+            self._free_bytes += len(buffer)
 
 
 _POOL_MIN = 18 << 20  # a default max_request (16 MiB) aligned at both ends, in whole huge pages

@@ -215,17 +215,28 @@ class PackedLoader:
             self._queue.put(e)
 
     def _steps(self, start: Position) -> Iterator[list[Batch]]:
-        """Per step: this rank's micro-batches, read and packed; each carries the step's end position."""
+        """Per step: this rank's micro-batches, read and packed; each carries the step's end position.
+
+        The samples come from one `Dataset.stream` over this rank's indices in the order the
+        steps take them (a second walk of the same plan, ahead of this one): it reads ahead,
+        uncached samples with O_DIRECT at the disk's speed, cached ones through the map
+        (shared.stream). `pack` copies the tensors, so the stream's buffers go back at once.
+        """
+        ahead = (int(i) for micro, _ in self._rank_steps(start) for indices in micro for i in indices)
+        with self.ds.stream(ahead) as samples:
+            for micro, after in self._rank_steps(start):
+                step = [pack([next(samples) for _ in indices], self.config.max_seq_len, after) for indices in micro]
+                yield [b.pin_memory() for b in step] if self.pin_memory else step
+                if self._stop.is_set():
+                    return
+
+    def _rank_steps(self, start: Position) -> Iterator[tuple[list[np.ndarray], Position]]:
+        """Per step from `start`: this rank's micro-batches (sample indices) and the step's end position."""
         per_rank = self.config.micro_batches
         plan = self._plan(start)
         while True:
             group = [next(plan) for _ in range(self.world_size * per_rank)]
-            after = group[-1][1]
-            mine = group[self.rank * per_rank:(self.rank + 1) * per_rank]
-            step = [pack([self.ds[int(i)] for i in indices], self.config.max_seq_len, after) for indices, _ in mine]
-            yield [b.pin_memory() for b in step] if self.pin_memory else step
-            if self._stop.is_set():
-                return
+            yield [indices for indices, _ in group[self.rank * per_rank:(self.rank + 1) * per_rank]], group[-1][1]
 
     def _plan(self, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
         """The global micro-batch stream from `start`, as (sample indices, position after it);

@@ -17,6 +17,7 @@ from shared.stream import open_direct, record_batch_blocks
 from shared.synth import SynthConfig, write_synthetic
 
 from machine import thp_mode
+from page_cache import cached_fraction, evict, o_direct_works
 
 CONFIG = SynthConfig(samples=40, hidden_size=128, mean_tokens=64, max_tokens=300, vocab=1000,
                      shard_bytes=512 << 10)
@@ -29,28 +30,6 @@ def ds_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _evict(directory: Path) -> None:
-    """Drop this data set's pages from the page cache (only these files, nothing global)."""
-    for info in load_manifest(directory).shards:
-        fd = os.open(directory / info.file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _cached_fraction(directory: Path) -> float:
-    ds = Dataset(directory)
-    cached = total = 0
-    for k in range(len(ds.manifest.shards)):
-        source = ds._shard(k)
-        for block in source.blocks():
-            cached += source.cached(block)
-            total += 1
-    return cached / total
-
-
 def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():
@@ -58,14 +37,6 @@ def _assert_same(a: dict, b: dict) -> None:
             assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
         else:
             assert value == b[key], key
-
-
-def _o_direct_works(directory: Path) -> bool:
-    fd = open_direct(directory / load_manifest(directory).shards[0].file)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
 
 
 def test_footer_blocks_locate_every_record_batch(ds_dir):
@@ -85,7 +56,7 @@ def test_stream_yields_the_samples_of_getitem_in_the_given_order(ds_dir, cold, s
     reference = Dataset(ds_dir)
     order = reference.sample_order(seed=5) if shuffled else np.arange(len(reference))
     if cold:
-        _evict(ds_dir)
+        evict(ds_dir)
     else:
         for i in range(len(reference)):  # fault every sample into the page cache
             reference[i]["aux_hidden_states"].sum()
@@ -101,7 +72,7 @@ def test_a_partly_cached_stream_switches_between_map_runs_and_reads(ds_dir, monk
     from shared.stream import residency
 
     reference = Dataset(ds_dir)
-    _evict(ds_dir)
+    evict(ds_dir)
     for i in [*range(3, 9), 15, 22, *range(30, 40)]:  # runs of cached samples between cold ones
         reference[i]["aux_hidden_states"].sum()
     monkeypatch.setattr(residency(), "_populate_ok", populate)
@@ -115,17 +86,17 @@ def test_a_partly_cached_stream_switches_between_map_runs_and_reads(ds_dir, monk
 
 
 def test_cold_stream_reads_around_the_page_cache(ds_dir):
-    if not _o_direct_works(ds_dir):
+    if not o_direct_works(ds_dir):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
-    _evict(ds_dir)
-    assert _cached_fraction(ds_dir) == 0.0
+    evict(ds_dir)
+    assert cached_fraction(ds_dir) == 0.0
     for sample in Dataset(ds_dir).stream():
         sample["aux_hidden_states"].sum()  # touch the bytes
     # O_DIRECT: the epoch came from the disk without filling the cache
-    assert _cached_fraction(ds_dir) < 0.1
+    assert cached_fraction(ds_dir) < 0.1
     for sample in Dataset(ds_dir).stream(direct=False):
         sample["aux_hidden_states"].sum()
-    assert _cached_fraction(ds_dir) == 1.0  # the map path goes through the cache
+    assert cached_fraction(ds_dir) == 1.0  # the map path goes through the cache
 
 
 def test_stream_falls_back_to_the_map_where_o_direct_is_refused(ds_dir, monkeypatch):
@@ -139,7 +110,7 @@ def test_stream_falls_back_to_the_map_where_o_direct_is_refused(ds_dir, monkeypa
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refusing_open)
-    _evict(ds_dir)
+    evict(ds_dir)
     reference = Dataset(ds_dir)
     ds = Dataset(ds_dir)
     streamed = list(ds.stream())
@@ -149,9 +120,9 @@ def test_stream_falls_back_to_the_map_where_o_direct_is_refused(ds_dir, monkeypa
 
 
 def test_streamed_tensors_outlive_the_stream_and_own_writable_memory(ds_dir):
-    if not _o_direct_works(ds_dir):
+    if not o_direct_works(ds_dir):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
-    _evict(ds_dir)
+    evict(ds_dir)
     with Dataset(ds_dir).stream(range(3)) as stream:
         kept = list(stream)
     expected = [Dataset(ds_dir)[i]["last_hidden_state"].clone() for i in range(3)]
@@ -166,14 +137,14 @@ def test_corrupt_record_batch_in_a_cold_stream_names_the_shard(ds_dir, tmp_path)
 
     copy = tmp_path / "ds"
     shutil.copytree(ds_dir, copy)
-    if not _o_direct_works(copy):
+    if not o_direct_works(copy):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
     victim = load_manifest(copy).shards[0].file
     data = bytearray((copy / victim).read_bytes())
     block = record_batch_blocks(bytes(data))[1]
     data[block.offset:block.offset + 16] = b"\xff" * 16  # the message header of sample 1
     (copy / victim).write_bytes(bytes(data))
-    _evict(copy)
+    evict(copy)
     with pytest.raises(ShardError, match=f"{victim}: sample 1 is not a readable record batch"):
         list(Dataset(copy).stream())
 
@@ -212,11 +183,11 @@ def test_a_sample_whose_field_lies_is_named_with_its_file_and_field(ds_dir, tmp_
     ds = Dataset(copy)
     assert ds.locate(2) == (0, 2)
     if read == "cold-stream":
-        if not _o_direct_works(copy):
+        if not o_direct_works(copy):
             pytest.skip("the test directory's filesystem refuses O_DIRECT")
-        _evict(copy)
+        evict(copy)
     else:  # just written: cached, a warm stream decodes on its pool thread
-        assert _cached_fraction(copy) == 1.0
+        assert cached_fraction(copy) == 1.0
     with pytest.raises(ShardError, match=f"{victim}:? {message}"):
         if read == "getitem":
             ds[2]
@@ -231,7 +202,7 @@ def test_residency_sees_an_evicted_file_as_not_cached(ds_dir):
 
     Dataset(ds_dir)[0]["aux_hidden_states"].sum()
     assert first_sample_cached()
-    _evict(ds_dir)  # (pages mapped by a live Dataset could not be evicted: none is alive here)
+    evict(ds_dir)  # (pages mapped by a live Dataset could not be evicted: none is alive here)
     assert not first_sample_cached()
 
 
@@ -253,6 +224,30 @@ def test_buffer_pool_hands_a_freed_buffer_out_again_and_keeps_a_bounded_amount()
     assert {len(b) for b in big} == {32 << 20}
     del big, again, other
     assert pool._free_bytes <= 40 << 20
+
+
+def test_a_buffer_freed_inside_the_pools_own_lock_is_kept_without_a_deadlock():
+    # A finalizer runs wherever a garbage collection frees the last view - also inside
+    # acquire(), lock held, in the same thread: a stream's copy thread deadlocked on itself so.
+    import threading
+
+    from shared.stream import BufferPool
+
+    pool = BufferPool()
+    result: dict[str, int] = {}
+
+    def free_inside_the_lock() -> None:
+        buffer = pool.acquire(1 << 20)
+        result["address"] = buffer.ctypes.data
+        with pool._lock:
+            del buffer  # the finalizer, as if called by a collection inside acquire()
+        result["again"] = pool.acquire(1 << 20).ctypes.data
+
+    thread = threading.Thread(target=free_inside_the_lock, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "freeing a buffer while the pool's lock is held deadlocked"
+    assert result["again"] == result["address"], "the buffer freed meanwhile was not handed out again"
 
 
 def _huge_page_bytes(address: int) -> int:
@@ -424,9 +419,9 @@ def test_closing_a_cold_stream_midway_stops_its_reading_threads(ds_dir):
 
     from shared.stream import LandingReader
 
-    if not _o_direct_works(ds_dir):
+    if not o_direct_works(ds_dir):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
-    _evict(ds_dir)
+    evict(ds_dir)
     before = {t.name for t in threading.enumerate()}
     stream = Dataset(ds_dir).stream(readahead_bytes=1 << 30)  # everything submitted at once
     first = next(stream)

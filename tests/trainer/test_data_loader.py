@@ -8,6 +8,8 @@ from shared.shards import Dataset
 from trainer.config import DataConfig
 from trainer.data import PackedLoader, left_out, split_validation, validation_batches
 
+from page_cache import cached_fraction, evict, o_direct_works
+
 
 def test_an_epoch_covers_every_training_sample_once_within_the_budget(synth_data):
     ds = Dataset(synth_data)
@@ -71,6 +73,33 @@ def test_ranks_split_each_step_so_their_union_is_the_single_rank_step(synth_data
     assert one.state_dict()["epoch"] >= 1
     for loader in (one, *ranks):
         loader.close()
+
+
+def test_an_uncached_data_set_is_streamed_around_the_page_cache_into_the_same_batches(synth_data, tmp_path):
+    """The loader reads through `Dataset.stream`: an epoch of a data set that is not in the
+    page cache comes from the disk with O_DIRECT (leaving the cache empty) and packs the
+    very samples `ds[i]` gives, in the epoch's order."""
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(synth_data, copy)
+    if not o_direct_works(copy):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    config = DataConfig(path=copy, token_budget=128, max_seq_len=64, prefetch=2)
+    none = np.zeros(0, dtype=np.int64)
+    reference = Dataset(copy)
+    order = PackedLoader(reference, config, seed=0, exclude=none).epoch_order(0)
+    want = {key: torch.cat([reference[int(i)][key][:64] for i in order]) for key in ("input_ids", "aux_hidden_states")}
+    del reference
+    evict(copy)
+    loader = PackedLoader(Dataset(copy), config, seed=0, exclude=none)
+    batches = []
+    while not batches or batches[-1].after.epoch == 0:
+        batches += next(loader)
+    loader.close()
+    assert cached_fraction(copy) < 0.1
+    assert torch.equal(torch.cat([b.input_ids[0] for b in batches]), want["input_ids"].long())
+    assert torch.equal(torch.cat([b.aux_hidden_states[0] for b in batches]), want["aux_hidden_states"])
 
 
 def test_too_many_held_out_samples_is_refused(synth_data):
