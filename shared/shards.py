@@ -605,9 +605,9 @@ class Dataset:
 
 
 class _MappedShard:
-    """One open local shard: its private map, the IPC reader over it, the record batches
-    (metadata over the mapped bytes) fetched once each on first use, and, for streams,
-    the footer's block list and an O_DIRECT file descriptor."""
+    """One open local shard: its private map, the IPC reader over it (its schema checked,
+    columns read whole), the footer's block list (where each record batch's bytes lie,
+    read once on first use) and, for streams, an O_DIRECT file descriptor."""
 
     remote = False
 
@@ -617,15 +617,8 @@ class _MappedShard:
         self.map, self.reader = open_shard(location, info, schema)
         self._base = pa.py_buffer(self.map).address
         self.view = memoryview(self.map)  # tensors are views of it (and keep the map alive)
-        self._batches: list[pa.RecordBatch | None] = [None] * self.reader.num_record_batches
         self._advised_end = 0  # read-ahead already asked for, up to this offset
         self._blocks: list[Block] | None = None
-
-    def batch(self, row: int) -> pa.RecordBatch:
-        batch = self._batches[row]
-        if batch is None:
-            batch = self._batches[row] = self.reader.get_batch(row)
-        return batch
 
     def column(self, name: str) -> pa.Array:
         """One column of every row, copied out while faulting in only the pages it lies on
@@ -654,9 +647,9 @@ class _MappedShard:
                 raise ShardError(f"{self.name}: {e}") from None
             finally:
                 view.release()
-            if len(blocks) != len(self._batches):
+            if len(blocks) != self.reader.num_record_batches:
                 raise ShardError(f"{self.name}: footer lists {len(blocks)} record batches, reader sees "
-                                 f"{len(self._batches)}")
+                                 f"{self.reader.num_record_batches}")
             self._blocks = blocks
         return self._blocks
 

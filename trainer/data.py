@@ -219,7 +219,7 @@ class PackedLoader:
 
         The samples come from one `Dataset.stream` over this rank's indices in the order the
         steps take them (a second walk of the same plan, ahead of this one): it reads ahead,
-        uncached samples with O_DIRECT at the disk's speed, cached ones through the map
+        uncached samples with O_DIRECT, cached ones through the map
         (shared.stream). `pack` copies the tensors, so the stream's buffers go back at once.
         """
         ahead = (int(i) for micro, _ in self._rank_steps(start) for indices in micro for i in indices)
