@@ -21,9 +21,11 @@ its later rows are quarantined as duplicates of the first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from typing import Any
 
 from factory.inputs import InputError, SourceRow, count_rows, normalize, read_rows
 from factory.job import JobConfig, JobConfigError, OutputConfig
+from factory.ray_auth import own_token, token_in_process
 from factory.render import RenderedRow, conversation_id
 from factory.resample import Outcome, Prompt
 from shared.manifest import DatasetHeader, ManifestError, atomic_write_bytes, load_manifest, save_manifest
@@ -539,21 +542,15 @@ def run_job(job: JobConfig, *, show_progress: bool = True) -> dict[str, Any]:
     _check_thinking(job)
     job.output.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    started_ray = _init_ray(job)
-    ray_s = round(time.monotonic() - started, 1)
-    pipeline = None
-    try:
+    with _ray_session(job):
+        ray_s = round(time.monotonic() - started, 1)
         _check_resources(job)
         pipeline = build_pipeline(job)
-        pipeline.timings["ray_init_s"] = ray_s
-        return pipeline.run(show_progress=show_progress)
-    finally:
-        if pipeline is not None:
+        try:
+            pipeline.timings["ray_init_s"] = ray_s
+            return pipeline.run(show_progress=show_progress)
+        finally:
             pipeline.shutdown()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def _existing_report(job: JobConfig) -> dict[str, Any] | None:
@@ -596,18 +593,28 @@ def _check_thinking(job: JobConfig) -> None:
                              f"switch (enable_thinking); leave sampling.thinking out")
 
 
-def _init_ray(job: JobConfig) -> bool:
+@contextlib.contextmanager
+def _ray_session(job: JobConfig) -> Iterator[None]:
+    """Ray for the job: the one this process is already in; the cluster at `ray.address`, with
+    its own auth; or a local cluster started here with a token of its own (a temporary file,
+    see `factory.ray_auth`: the user's ~/.ray is neither needed nor touched). Shut down after,
+    unless it was already running."""
     import ray
 
     if ray.is_initialized():
-        return False
-    cfg = job.ray
-    if cfg.address is not None:
-        ray.init(address=cfg.address)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False,
-                 object_store_memory=None if cfg.object_store_mb is None else cfg.object_store_mb << 20)
-    return True
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        cfg = job.ray
+        if cfg.address is not None:
+            ray.init(address=cfg.address)
+        else:
+            token_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specmill-ray-")))
+            stack.enter_context(token_in_process(own_token(token_dir)))
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False,
+                     object_store_memory=None if cfg.object_store_mb is None else cfg.object_store_mb << 20)
+        stack.callback(ray.shutdown)
+        yield
 
 
 def _check_resources(job: JobConfig) -> None:

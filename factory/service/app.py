@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from factory.ray_auth import token_in_process
 from factory.service.dispatcher import Dispatcher
 from factory.service.ray_runner import LocalRayCluster, RayJobs
 from factory.service.schemas import ErrorDetail, Health, JobCreate, JobList, JobPublic, JobState, QuarantinePage
@@ -46,6 +47,9 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         lock = _single_service_lock(settings) if ray.local is not None else None
+        auth = ExitStack()
+        if ray.local is not None:  # the service's job-API client sends its own cluster's token
+            auth.enter_context(token_in_process(ray.local.token_path()))
         logging.getLogger("httpx").setLevel(logging.WARNING)  # the Ray start-up probe: not a line per try
         store = JobStore(settings.db_url)
         dispatcher = Dispatcher(settings, store, ray)
@@ -59,6 +63,7 @@ def create_app(settings: ServiceSettings, *, ray: RayJobs | None = None) -> Fast
         if ray.local is not None and not store.active():
             ray.local.stop()
         store.close()
+        auth.close()
         if lock is not None:
             lock.close()
 

@@ -26,6 +26,8 @@ def register_service(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None,
                    help="a Ray cluster's dashboard URL, http://head:8265 (default: a local cluster the service starts)")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local cluster (default: the machine's)")
+    p.add_argument("--ray-unavailable-timeout", type=float, default=None, dest="ray_unavailable_timeout_s",
+                   help="seconds jobs wait for an unreachable Ray before they fail with the cause (default 180)")
     p.add_argument("--max-request-bytes", type=int, default=None, help="request body limit (default 1 MiB)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_cmd_serve)
@@ -62,7 +64,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, data_root=args.data_root, db=args.db,
                                  input_roots=tuple(args.input_roots) if args.input_roots else None,
                                  max_concurrent_jobs=args.max_concurrent_jobs, ray_address=args.ray_address,
-                                 ray_num_cpus=args.ray_num_cpus, max_request_bytes=args.max_request_bytes)
+                                 ray_num_cpus=args.ray_num_cpus, max_request_bytes=args.max_request_bytes,
+                                 ray_unavailable_timeout_s=args.ray_unavailable_timeout_s)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

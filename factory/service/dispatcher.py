@@ -9,6 +9,10 @@ Each tick (every `poll_interval_s`):
   2. queued jobs are claimed, oldest first, up to `max_concurrent_jobs` running in all.
 Everything it decides is written to the store first, so a restarted service (or another
 replica) carries on from the database alone.
+
+When Ray cannot be reached (a local cluster that will not start, a remote one that is down),
+jobs wait for it at most `ray_unavailable_timeout_s`, then fail with the cause in `error`;
+until Ray answers again, a newly claimed job fails at its first try.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,7 @@ class Dispatcher:
         self.store = store
         self.ray = ray
         self.ray_state = "idle"  # idle (nothing to run yet) | up | unavailable: <why>
+        self._unavailable_since: float | None = None  # monotonic time of the first failure in a row
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,9 +70,7 @@ class Dispatcher:
             try:
                 self.tick()
             except RayUnavailable as e:
-                if self.ray_state != f"unavailable: {e}":
-                    log.warning("Ray is unavailable; jobs wait: %s", e)
-                self.ray_state = f"unavailable: {e}"
+                self._ray_down(e)
             except Exception:  # noqa: BLE001 - the loop must outlive one bad tick; the next one retries
                 log.exception("dispatcher tick failed; retrying")
             self._stop.wait(self.settings.poll_interval_s)
@@ -79,17 +83,35 @@ class Dispatcher:
                 log.info("job %s claimed (attempt %d)", job.id, job.attempt)
                 self._reconcile(job)
 
+    def _ray_up(self) -> None:
+        self.ray_state, self._unavailable_since = "up", None
+
+    def _ray_down(self, error: RayUnavailable) -> None:
+        now = time.monotonic()
+        if self._unavailable_since is None:
+            self._unavailable_since = now
+        waited, bound = now - self._unavailable_since, self.settings.ray_unavailable_timeout_s
+        if self.ray_state != f"unavailable: {error}":
+            log.warning("Ray is unavailable (jobs wait up to %.0f s, %.0f s so far): %s", bound, waited, error)
+        self.ray_state = f"unavailable: {error}"
+        if waited < bound:
+            return
+        for job in self.store.active():
+            self.store.finish(job, "failed", error=f"Ray was unavailable for {waited:.0f} s "
+                                                   f"(ray_unavailable_timeout_s = {bound:g}): {error}")
+            log.error("job %s failed: Ray unavailable for %.0f s", job.id, waited)
+
     def _reconcile(self, job: JobRow) -> None:
         if not job.submitted:
             if job.cancel_requested:
                 self.store.finish(job, "cancelled")
                 return
             self.ray.submit(job.submission_id, write_spec(self.settings, job))
-            self.ray_state = "up"
+            self._ray_up()
             self.store.mark_submitted(job)
             return
         status = self.ray.status(job.submission_id)
-        self.ray_state = "up"
+        self._ray_up()
         if status is None:
             log.warning("job %s: Ray does not know %s (the cluster was replaced); resuming it as attempt %d",
                         job.id, job.submission_id, job.attempt + 1)

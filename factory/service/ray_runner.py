@@ -11,7 +11,11 @@ Without `--ray-address` the service starts a local cluster (`ray start --head --
 its own process group, state in data_root/.specmill/ray/cluster.json) the first time it has
 a job to run, and finds the same cluster again after a restart. The cluster outlives the
 service so that running jobs keep running; the service stops it on shutdown only when no
-job is running.
+job is running. The cluster authenticates with a token of its own
+(data_root/.specmill/ray/ray-auth-token, see `factory.ray_auth`), never the user's ~/.ray.
+
+A cluster that cannot start is retried with a growing pause; each failure carries the last
+lines of `ray start`'s log, which the dispatcher reports once it has waited long enough.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.ray_auth import cluster_env, own_token
 from factory.service.settings import TOKENS_ENV
 from shared.vllm_launch import free_port
 
@@ -49,17 +54,38 @@ class RayJobStatus:
 class LocalRayCluster:
     """A single-node Ray cluster the service starts and finds again after a restart."""
 
-    def __init__(self, state_dir: Path, num_cpus: int | None = None, start_timeout_s: float = 120.0):
+    def __init__(self, state_dir: Path, num_cpus: int | None = None, start_timeout_s: float = 120.0,
+                 max_retry_pause_s: float = 30.0):
         self.state_dir = state_dir
         self.num_cpus = num_cpus
         self.start_timeout_s = start_timeout_s
+        self.max_retry_pause_s = max_retry_pause_s
         self.state_file = state_dir / "cluster.json"
+        self._failures = 0  # failed starts in a row
+        self._retry_at = 0.0  # monotonic time before which a failed start is not tried again
+        self._last_error: RayUnavailable | None = None
+
+    def token_path(self) -> Path:
+        """The cluster's auth token file (made on first use); the service's own client reads it too."""
+        return own_token(self.state_dir)
 
     def dashboard_url(self) -> str:
-        """The running cluster's job API, starting the cluster if there is none."""
+        """The running cluster's job API, starting the cluster if there is none. After a failed
+        start, calls within the retry pause (1, 2, 4 ... max_retry_pause_s s) raise that failure
+        again instead of starting `ray start` once a tick."""
         state = self._alive_state()
-        if state is None:
+        if state is not None:
+            return state["dashboard_url"]
+        if self._last_error is not None and time.monotonic() < self._retry_at:
+            raise self._last_error
+        try:
             state = self._start()
+        except RayUnavailable as e:
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(2.0 ** (self._failures - 1), self.max_retry_pause_s)
+            self._last_error = e
+            raise
+        self._failures, self._last_error = 0, None
         return state["dashboard_url"]
 
     def running(self) -> bool:
@@ -103,7 +129,7 @@ class LocalRayCluster:
             argv.append(f"--num-cpus={self.num_cpus}")
         log_path = self.state_dir / "ray-start.log"
         # Job drivers inherit the cluster's environment: the service's API tokens stay out of it.
-        env = {k: v for k, v in os.environ.items() if k != TOKENS_ENV} | {"RAY_AUTH_MODE": "token"}
+        env = cluster_env(self.token_path(), {k: v for k, v in os.environ.items() if k != TOKENS_ENV})
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
@@ -113,7 +139,9 @@ class LocalRayCluster:
         while not _job_api_answers(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 _kill_group(proc.pid)
-                raise RayUnavailable(f"the local Ray cluster did not start (exit {proc.poll()}); see {log_path}")
+                how = f"exit {proc.poll()}" if proc.poll() is not None else f"no job API after {self.start_timeout_s:g} s"
+                raise RayUnavailable(f"the local Ray cluster did not start ({how}); the end of {log_path}:\n"
+                                     f"{_tail(log_path)}")
             time.sleep(0.5)
         state = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "dashboard_url": url,
                  "gcs_address": f"127.0.0.1:{ports['--port']}", "temp_dir": str(temp_dir)}
@@ -131,6 +159,14 @@ class LocalRayCluster:
             return
         if isinstance(old.get("temp_dir"), str) and old["temp_dir"].startswith("/tmp/specmill-ray-"):
             shutil.rmtree(old["temp_dir"], ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"(cannot read it: {e})"
+    return "\n".join(line for line in text.splitlines()[-lines:])
 
 
 def _job_api_answers(url: str) -> bool:
@@ -185,8 +221,8 @@ class RayJobs:
     def client(self) -> Any:
         url = self.address or self.local.dashboard_url()
         if self._client is None or url != self._client_url:
-            if self.local is not None:
-                os.environ["RAY_AUTH_MODE"] = "token"  # the local cluster's token auth: send ~/.ray/auth_token
+            # A local cluster's token reaches this client through the environment the service
+            # sets for its lifetime (`factory.ray_auth.token_in_process`).
             from ray.job_submission import JobSubmissionClient
 
             try:

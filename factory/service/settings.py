@@ -66,6 +66,10 @@ class ServiceSettings:
     allow_server_overrides: bool = False
     ray_address: str | None = None  # a Ray dashboard URL (http://head:8265); None: a local cluster
     ray_num_cpus: int | None = None  # the local cluster's CPUs; None: the machine's
+    # How long jobs wait for an unreachable Ray (a local cluster that will not start, a remote
+    # one that is down) before they fail with the cause; later jobs then fail at their first
+    # try until Ray answers again.
+    ray_unavailable_timeout_s: float = 180.0
     poll_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -98,6 +102,8 @@ class ServiceSettings:
         if self.ray_address is not None and not self.ray_address.startswith(("http://", "https://")):
             raise SettingsError(f"ray_address must be the Ray dashboard's URL (http://head:8265), got "
                                 f"{self.ray_address!r}")
+        if self.ray_unavailable_timeout_s <= 0:
+            raise SettingsError(f"ray_unavailable_timeout_s must be positive, got {self.ray_unavailable_timeout_s}")
         if self.poll_interval_s <= 0:
             raise SettingsError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
 
