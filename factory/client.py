@@ -24,6 +24,7 @@ log = logging.getLogger("specmill.client")
 
 TOKEN_ENV = "SPECMILL_API_TOKEN"
 TERMINAL = ("succeeded", "failed", "cancelled")
+HEARTBEAT_S = 10.0  # `submit --wait` prints a line at least this often
 
 
 class ServiceError(RuntimeError):
@@ -128,13 +129,23 @@ def _absolute_paths(tables: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def progress_line(job: dict[str, Any]) -> str:
-    done, total = job.get("done"), job.get("total")
-    where = f"{done}/{total} rows" if total is not None else "starting"
-    rate = (job.get("throughput") or {}).get("samples_per_s")
-    return (f"{job['id']} {job['state']}: {where}, {job['samples_written']} written, "
-            f"{job['samples_quarantined']} quarantined, {job['tokens']} tokens"
-            + (f", {rate:.2f} samples/s" if rate else ""))
+def progress_line(job: dict[str, Any], elapsed_s: float) -> str:
+    """One line of a job's progress: rows done of the total, each stage's count and rate, ETA."""
+    head = f"{job['id']} {job['state']} {elapsed_s:4.0f} s: "
+    if job.get("total") is None:
+        return head + ("queued" if job["state"] == "queued" else
+                       "starting (Ray, the vLLM server and the target load before the first row)")
+    stages = job.get("stages") or {}
+    parts = [f"{job['done']}/{job['total']} rows"]
+    for name, label in (("resample", "resampled"), ("capture", "captured")):
+        stage = stages.get(name)
+        if stage:
+            rate = stage.get("tokens_per_s")
+            parts.append(f"{label} {stage['samples']}" + (f" ({rate:.0f} tok/s)" if rate else ""))
+    parts.append(f"written {job['samples_written']} ({job['tokens']} tokens), quarantined {job['samples_quarantined']}")
+    if job.get("eta_s") is not None and job["state"] == "running":
+        parts.append(f"ETA {job['eta_s']:.0f} s")
+    return head + " | ".join(parts)
 
 
 def run_submit(url: str, token: str | None, job_file: Path | None, flags: dict[str, Any], *, wait: bool,
@@ -146,14 +157,17 @@ def run_submit(url: str, token: str | None, job_file: Path | None, flags: dict[s
     echo(job["id"])
     if not wait:
         return 0
-    last = ""
+    started, last, last_at = time.monotonic(), None, -HEARTBEAT_S
 
     def show(update: dict[str, Any]) -> None:
-        nonlocal last
-        line = progress_line(update)
-        if line != last:
-            echo(line)
-            last = line
+        # A line when the counts move (at most one every 2 s) and at least every HEARTBEAT_S,
+        # so that a wait is never silent.
+        nonlocal last, last_at
+        elapsed = time.monotonic() - started
+        counts = tuple(update.get(k) for k in ("state", "done", "samples_written", "samples_quarantined"))
+        if (counts != last and elapsed - last_at >= 2.0) or elapsed - last_at >= HEARTBEAT_S:
+            echo(progress_line(update, elapsed))
+            last, last_at = counts, elapsed
 
     job = client.wait(job["id"], on_update=show)
     if job["state"] != "succeeded":

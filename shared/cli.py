@@ -5,6 +5,7 @@ owns the `shards` group."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -88,6 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=None, help="training conversations (scales the demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps")
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens per resampled answer")
+    p.add_argument("--quick", action="store_true",
+                   help="the smallest honest run of every step (24 conversations, 16 steps, 4 prompts: minutes)")
     p.set_defaults(func=_cmd_demo)
 
     from shared import quality
@@ -106,7 +109,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import DemoConfig, run_demo
 
     given = {k: getattr(args, k) for k in ("samples", "steps", "max_tokens") if getattr(args, k) is not None}
-    return run_demo(DemoConfig(workdir=args.workdir, **given))
+    base = DemoConfig.quick(args.workdir) if args.quick else DemoConfig(workdir=args.workdir)
+    return run_demo(dataclasses.replace(base, **given))
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,9 @@
 
 It drives the `specmill` command itself (one subprocess per step), so each step is the
 same command a user would type, and the demo imports nothing from factory/ or trainer/.
-Steps whose output already exists are skipped, so an interrupted demo resumes.
+Each step's output reaches the terminal as it is printed. Steps whose output already exists
+are skipped, so an interrupted demo resumes. A failed step stops the demo with its exit
+status; its own output (above) says why.
 """
 
 from __future__ import annotations
@@ -38,11 +40,25 @@ class DemoConfig:
     lr: float = 1e-3
     eval_prompts: int = 16
     k: int = 3  # speculative tokens
+    # Resampled conversations the trainer holds out, so that its simulated acceptance length is
+    # measured on samples it never trained on, like vLLM's on the evaluation prompts.
+    val_samples: int = 16
 
     def __post_init__(self) -> None:
         for name in ("samples", "max_tokens", "steps", "eval_prompts", "k", "token_budget", "ttt_steps", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"demo: {name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.val_samples < self.samples:
+            raise ValueError(f"demo: val_samples must be in [0, samples), got {self.val_samples} of {self.samples}")
+
+    @classmethod
+    def quick(cls, workdir: Path) -> DemoConfig:
+        """The smallest honest run of every step (tests; a first look in a few minutes)."""
+        return cls(workdir=workdir, samples=24, max_tokens=48, steps=16, eval_prompts=4, val_samples=4)
+
+
+class StepFailed(RuntimeError):
+    """A step's command exited non-zero; its output, already shown, says why."""
 
 
 class Steps:
@@ -55,6 +71,8 @@ class Steps:
 
     def __call__(self, title: str, *args: str, done: Path | None = None,
                  env: dict[str, str] | None = None) -> str:
+        """Run `specmill ARGS`, its output going to the terminal line by line as it comes;
+        returns what it printed on stdout."""
         n = len(self.timings) + 1
         if done is not None and done.exists():
             self.log.info("step %d: %s (done already: %s)", n, title, done)
@@ -62,14 +80,31 @@ class Steps:
             return ""
         self.log.info("step %d: %s", n, title)
         t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "shared.cli", *args], check=True,
-                             stdout=subprocess.PIPE, text=True, env=env).stdout
+        # Unbuffered, or a child's stdout into a pipe would arrive only when it ends.
+        child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+        lines = []
+        with subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=subprocess.PIPE, text=True,
+                              env=child_env) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+        if proc.returncode != 0:
+            raise StepFailed(f"step {n} ({title}) failed with exit status {proc.returncode}; "
+                             f"its output above says why")
         self.timings.append((title, time.monotonic() - t0))
-        sys.stdout.write(out)
-        return out
+        return "".join(lines)
 
 
 def run_demo(config: DemoConfig) -> int:
+    try:
+        return _run_steps(config)
+    except StepFailed as e:
+        print(f"specmill demo: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_steps(config: DemoConfig) -> int:
     w = config.workdir
     w.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -90,7 +125,8 @@ def run_demo(config: DemoConfig) -> int:
              env=service.client_env)
     step("verify the shards", "shards", "verify", str(data))
     step(f"train the EAGLE-3 draft ({config.steps} steps)", "train", "--data", str(data), "--target", model,
-         "--out", str(run), "--steps", str(config.steps), "--set", f"data.token_budget={config.token_budget}",
+         "--out", str(run), "--steps", str(config.steps), "--val-samples", str(config.val_samples),
+         "--set", f"data.token_budget={config.token_budget}",
          "--set", f"ttt.steps={config.ttt_steps}", "--lr", str(config.lr), "--set", "log_every=20")
     step("export it in the EAGLE format vLLM loads", "export", str(run), "--format", "eagle", "--out", str(draft))
     step(f"take {config.eval_prompts} held-out prompts from another package (OpenAI evals)", "factory",
@@ -99,7 +135,8 @@ def run_demo(config: DemoConfig) -> int:
     step(f"evaluate in vLLM: no speculation vs the draft (k={config.k}) vs n-gram", "eval", "--target", model,
          "--draft", str(draft), "--prompts", str(eval_prompts), "--out", str(evaluation), "--k", str(config.k))
 
-    print(report(json.loads((evaluation / "eval.json").read_text()), step.timings, time.monotonic() - started, w))
+    print(report(json.loads((evaluation / "eval.json").read_text()), step.timings, time.monotonic() - started, w,
+                 val_samples=config.val_samples))
     return 0
 
 
@@ -155,7 +192,8 @@ class JobService:
             self._proc.wait()
 
 
-def report(results: dict, steps: list[tuple[str, float]], seconds: float, workdir: Path) -> str:
+def report(results: dict, steps: list[tuple[str, float]], seconds: float, workdir: Path, *,
+           val_samples: int) -> str:
     lines = ["", "specmill demo report", ""]
     lines += [f"  {s:7.1f} s  {title}" for title, s in steps]
     lines += [f"  {seconds:7.1f} s  total", ""]
@@ -167,7 +205,10 @@ def report(results: dict, steps: list[tuple[str, float]], seconds: float, workdi
         lines.append(f"  {name:<8} {al:>10} {tpf:>11} {w['output_tokens_per_s']:>7.1f} {w['speedup']:>7.2f}x")
     sim = results["simulated_acceptance_length"]
     if sim["available"]:
-        lines.append(f"  the trainer's simulated acceptance length for this draft: {sim['value']:.2f}")
+        held_out = sim.get("simulated_acceptance_length_split") == "val"
+        where = (f"on {val_samples} resampled conversations it did not train on" if held_out
+                 else "on its own TRAINING samples (no held-out split), so not comparable with vLLM's")
+        lines.append(f"  the trainer's simulated acceptance length for this draft, {where}: {sim['value']:.2f}")
     lines += ["", f"  artifacts in {workdir}: data/ (shards), train/ (checkpoints, curves.png), "
               "draft/ (load it in vLLM), eval/ (eval.json, eval.png)"]
     return "\n".join(lines)

@@ -132,7 +132,7 @@ class VllmProcess:
 
     def _wait_healthy(self) -> None:
         assert self._proc is not None
-        started = time.monotonic()
+        started = next_note = time.monotonic()
         while True:
             if (code := self._proc.poll()) is not None:
                 raise VllmLaunchError(f"vLLM exited with code {code} while starting; "
@@ -145,7 +145,16 @@ class VllmProcess:
             if is_healthy(self.base_url):
                 log.info("vLLM ready at %s after %.1f s", self.base_url, elapsed)
                 return
+            if time.monotonic() >= next_note:  # a start takes 30-100 s on a small CPU: say it is under way
+                next_note = time.monotonic() + 10.0
+                log.info("vLLM starting (%.0f s of at most %.0f s): %s", elapsed, self.startup_timeout_s,
+                         _last_line(self.log_path))
             time.sleep(1.0)
+
+
+def _last_line(path: Path | None) -> str:
+    lines = log_tail(path, 1).strip().splitlines()
+    return lines[-1][-160:] if lines else ""
 
 
 def log_tail(path: Path | None, lines: int = 40) -> str:

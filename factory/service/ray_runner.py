@@ -130,16 +130,19 @@ class LocalRayCluster:
         log_path = self.state_dir / "ray-start.log"
         # Job drivers inherit the cluster's environment: the service's API tokens stay out of it.
         env = cluster_env(self.token_path(), {k: v for k, v in os.environ.items() if k != TOKENS_ENV})
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
         url = f"http://127.0.0.1:{ports['--dashboard-port']}"
         log.info("starting a local Ray cluster (pid %d, job API %s, log %s)", proc.pid, url, log_path)
         deadline = time.monotonic() + self.start_timeout_s
-        while not _job_api_answers(url):
+        # Up = `ray start` says every process started *and* the job API answers: the GCS and the
+        # dashboard come up before the raylet, whose failure then ends `ray start`.
+        while not (_says_started(log_path, log_start) and _job_api_answers(url)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 _kill_group(proc.pid)
-                how = f"exit {proc.poll()}" if proc.poll() is not None else f"no job API after {self.start_timeout_s:g} s"
+                how = f"exit {proc.poll()}" if proc.poll() is not None else f"not up after {self.start_timeout_s:g} s"
                 raise RayUnavailable(f"the local Ray cluster did not start ({how}); the end of {log_path}:\n"
                                      f"{_tail(log_path)}")
             time.sleep(0.5)
@@ -159,6 +162,12 @@ class LocalRayCluster:
             return
         if isinstance(old.get("temp_dir"), str) and old["temp_dir"].startswith("/tmp/specmill-ray-"):
             shutil.rmtree(old["temp_dir"], ignore_errors=True)
+
+
+def _says_started(log_path: Path, offset: int) -> bool:
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        return b"Ray runtime started." in f.read()
 
 
 def _tail(path: Path, lines: int = 8) -> str:

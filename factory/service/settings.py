@@ -102,6 +102,8 @@ class ServiceSettings:
         if self.ray_address is not None and not self.ray_address.startswith(("http://", "https://")):
             raise SettingsError(f"ray_address must be the Ray dashboard's URL (http://head:8265), got "
                                 f"{self.ray_address!r}")
+        if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
+            raise SettingsError(f"ray_num_cpus must be at least 1 or left out (the machine's), got {self.ray_num_cpus}")
         if self.ray_unavailable_timeout_s <= 0:
             raise SettingsError(f"ray_unavailable_timeout_s must be positive, got {self.ray_unavailable_timeout_s}")
         if self.poll_interval_s <= 0:
