@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from trainer.engine import VllmEngine
 log = logging.getLogger("specmill.trainer")
 
 WAYS = ("none", "ngram", "eagle3")
+PROGRESS_EVERY_S = 10.0  # a line this often while a way generates
 ENGINES = ("vllm", "torch")
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_DTYPE = {"vllm": "bfloat16", "torch": "float32"}  # torch: exact greedy agreement on CPU
@@ -165,7 +166,12 @@ def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -
         before = parse_spec_metrics(client.get("/metrics").text)
         started = time.perf_counter()
         with ThreadPoolExecutor(config.concurrency) as pool:
-            answers = list(pool.map(lambda messages: _chat(client, served, messages, config.max_tokens), prompts))
+            futures = [pool.submit(_chat, client, served, messages, config.max_tokens) for messages in prompts]
+            while not wait(futures, timeout=PROGRESS_EVERY_S).done.issuperset(futures):
+                done = sum(f.done() for f in futures)
+                log.info("eval: %s: %d of %d answers after %.0f s", way, done, len(futures),
+                         time.perf_counter() - started)
+            answers = [f.result() for f in futures]
         seconds = time.perf_counter() - started
         after = parse_spec_metrics(client.get("/metrics").text)
     positions = sorted(set(after["per_pos"]) | set(before["per_pos"]))
@@ -237,7 +243,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         for way in WAYS:
             log.info("eval: %s on %d prompts (max_tokens %d, concurrency %d)", way, len(prompts),
                      config.max_tokens, config.concurrency)
-            runs[way] = run_way(way, config, prompts)
+            runs[way] = run = run_way(way, config, prompts)
+            completion = sum(run.completion_tokens)
+            log.info("eval: %s done: %d tokens in %.1f s (%.1f tok/s)%s", way, completion, run.seconds,
+                     completion / run.seconds,
+                     f", acceptance length {1 + run.accepted / run.drafts:.2f}" if run.drafts else "")
     ways = {way: summarize(run, None if way == "none" else runs["none"]) for way, run in runs.items()}
     base = ways["none"]["output_tokens_per_s"]
     for summary in ways.values():
