@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.job import InputConfig
+from factory.targets import ImageTooLarge, open_image
 
 log = logging.getLogger("specmill.factory.inputs")
 
@@ -117,7 +118,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | 
                 continue  # blank lines are not rows
             try:
                 data = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except RecursionError:
+                # Python's parser recurses once per nesting level; a deeper row is this row's problem.
+                yield row, None, "not usable JSON: nested too deeply to parse (arrays or objects inside each other)"
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
                 yield row, None, f"not valid JSON ({e})"
             else:
                 if isinstance(data, dict):
@@ -285,14 +289,15 @@ def to_renderer_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]
 def _image(url: str, where: str) -> Any:
     if not url.startswith("data:"):
         return Path(url).expanduser()
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     header, _, payload = url.partition(",")
     if not header.startswith("data:image/") or not header.endswith(";base64"):
         raise InputError(f"field {where}.image_url.url: a data URI must be data:image/...;base64,..., got {header[:40]!r}")
     try:
-        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as im:
-            return im.convert("RGB")
+        return open_image(io.BytesIO(base64.b64decode(payload, validate=True)))
+    except ImageTooLarge as e:
+        raise InputError(f"field {where}.image_url.url: {e}") from None
     except (binascii.Error, UnidentifiedImageError, OSError) as e:
         raise InputError(f"field {where}.image_url.url: not a readable base64 image ({e})") from None
 
@@ -310,6 +315,9 @@ def _wav(data: str, where: str) -> dict[str, Any]:
         raise InputError(f"field {where}.input_audio.data: not a readable base64 WAV ({e})") from None
     if width != 2:
         raise InputError(f"field {where}.input_audio.data: WAV must be 16-bit PCM, got {8 * width}-bit")
+    if len(frames) % (2 * channels):
+        raise InputError(f"field {where}.input_audio.data: the WAV holds {len(frames)} bytes of samples, not a "
+                         f"whole number of 16-bit frames of {channels} channel(s)")
     samples = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
     samples = samples.reshape(-1, channels).mean(axis=1)
     return {"array": samples, "sampling_rate": rate}

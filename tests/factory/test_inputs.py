@@ -25,6 +25,9 @@ from factory.inputs import (
 )
 from factory.job import InputConfig
 from factory.prompts import chitchat_chats, write_chitchat_prompts
+from factory.targets import ImageTooLarge, open_image
+
+from poison_rows import bomb_chat, bomb_png, deeply_nested_line
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -79,6 +82,16 @@ def test_unparseable_lines_are_rows_with_an_error_and_blank_lines_are_not_rows(t
     assert "must be a JSON object" in rows[2].error
     assert rows[3].data == chat("last", "one")
     assert count_rows(InputConfig(paths=(path,))) == 4
+
+
+def test_a_line_nested_deeper_than_the_parser_recurses_is_a_row_with_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [chat("ok", "fine"), deeply_nested_line(), "1" * 5000,
+                                              chat("last", "one")])
+    rows = list(read_rows(InputConfig(paths=(path,))))
+    assert [r.row for r in rows] == [0, 1, 2, 3]
+    assert rows[1].data is None and "nested too deeply to parse" in rows[1].error
+    assert rows[2].data is None and "not valid JSON" in rows[2].error  # an integer of 5000 digits
+    assert rows[3].data == chat("last", "one")
 
 
 def test_missing_paths_and_unknown_file_types_fail_before_any_row_is_read(tmp_path):
@@ -163,6 +176,29 @@ def test_undecodable_media_is_an_error_naming_the_part():
                                                                                      "format": "wav"}}]}]
     with pytest.raises(InputError, match="not a readable base64 WAV"):
         to_renderer_messages(bad_audio)
+
+
+def test_an_image_declaring_more_pixels_than_the_limit_is_refused_before_it_is_decoded(tmp_path):
+    messages = normalize(bomb_chat(), InputConfig(paths=(Path("."),)))
+    with pytest.raises(InputError, match=r"field messages\[0\]\.content\[1\]\.image_url\.url: the image declares "
+                                         r"more pixels than this factory decodes \(.*3600000000 pixels"):
+        to_renderer_messages(messages)
+    # The same bomb as a file, as the renderer opens it; and one PIL would only warn about (10^8 pixels).
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png())
+    with pytest.raises(ImageTooLarge, match="3600000000 pixels"):
+        open_image(path)
+    path.write_bytes(bomb_png(10000, 10000))
+    with pytest.raises(ImageTooLarge, match=r"the image declares 10000 x 10000 pixels, more than the \d+ this "
+                                            r"factory decodes"):
+        open_image(path)
+
+
+def test_a_wav_cut_inside_a_sample_is_an_error_naming_the_part():
+    data = base64.b64decode(wav_base64())[:-3]  # the header still declares every frame
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+    with pytest.raises(InputError, match=r"content\[0\]\.input_audio\.data: the WAV holds \d+ bytes of samples"):
+        to_renderer_messages([{"role": "user", "content": [part]}])
 
 
 def test_resampling_answers_where_the_source_answered_and_after_a_final_user_turn():
