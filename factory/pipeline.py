@@ -35,8 +35,9 @@ from factory.inputs import InputError, SourceRow, count_rows, normalize, read_ro
 from factory.job import JobConfig, JobConfigError, OutputConfig
 from factory.render import RenderedRow, conversation_id
 from factory.resample import Outcome, Prompt
+from factory.rows import RowFailure, is_row_failure, row_reason
 from shared.manifest import DatasetHeader, ManifestError, atomic_write_bytes, load_manifest, save_manifest
-from shared.shards import Sample, ShardWriter
+from shared.shards import Sample, SampleError, ShardWriter
 
 log = logging.getLogger("specmill.factory.pipeline")
 
@@ -66,7 +67,7 @@ class QuarantineRecord:
     file: str
     row: int
     index: int  # position in the whole input
-    stage: str  # read | resample | render
+    stage: str  # read | resample | render | capture | write
     reason: str
     sample_id: str | None = None
 
@@ -338,8 +339,9 @@ def build_pipeline(job: JobConfig) -> Pipeline:
     names = [f"specmill-vllm-{i}" for i in range(len(servers))]
     resamplers = [resampler_cls.remote(job, urls, names) for _ in range(job.ray.resamplers)]
     slots = 0 if job.sampling.keep_original_answers else job.servers.concurrency * len(urls)
-    return Pipeline(job=job, resamplers=resamplers, captures=captures, servers=servers, server_slots=slots,
-                    timings={"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {})
+    timings = {"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {}
+    return Pipeline(job=job, resamplers=resamplers, captures=captures, servers=servers,
+                    server_slots=slots, timings=timings)
 
 
 class _Driver:
@@ -451,12 +453,8 @@ class _Driver:
                     for outcome in results:
                         self._resampled(outcome, meta, waiting, progress, quarantine)
                 else:
-                    for sample in results:
-                        out.add(sample)
-                        meta.pop(sample.sample_id)
-                        progress.written += 1
-                        progress.captured += 1
-                        progress.captured_tokens += int(sample.input_ids.shape[0])
+                    for result in results:
+                        self._captured(result, out, meta, progress, quarantine)
             if out.uncommitted >= self.job.output.commit_every or (
                     out.uncommitted and time.monotonic() - last_commit >= self.job.output.commit_interval_s):
                 out.commit()
@@ -476,6 +474,25 @@ class _Driver:
         quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index, stage=outcome.stage,
                                     reason=outcome.reason or "unknown", sample_id=prompt.sample_id))
 
+    def _captured(self, result: Sample | RowFailure, out: JobOutput, meta: dict[str, Prompt], progress: Progress,
+                  quarantine) -> None:
+        prompt = meta.pop(result.sample_id)
+        if isinstance(result, RowFailure):
+            quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index,
+                                        stage=result.stage, reason=result.reason, sample_id=prompt.sample_id))
+            return
+        progress.captured += 1
+        progress.captured_tokens += int(result.input_ids.shape[0])
+        try:
+            out.add(result)
+        except SampleError as e:
+            # The writer checks a sample whole before it writes a byte of it, so a refused sample
+            # leaves the shard as it was; any other error here (disk full) is the job's.
+            quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index,
+                                        stage="write", reason=str(e), sample_id=prompt.sample_id))
+            return
+        progress.written += 1
+
     def _prompts(self, done: set[str], quarantined: set[tuple[str, int]], progress: Progress
                  ) -> Iterator[Prompt | QuarantineRecord]:
         """Input rows in order, as prompts to run or records to quarantine; what an earlier run
@@ -494,6 +511,11 @@ class _Driver:
                 sample_id = conversation_id(messages, **settings)
             except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
                 yield _record(src, "read", str(e))
+                continue
+            except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
+                if not is_row_failure(e):
+                    raise
+                yield _record(src, "read", row_reason(e, "read"))
                 continue
             if sample_id in first_seen:
                 yield _record(src, "read", f"duplicate of {first_seen[sample_id]} (same chat, same settings)",
