@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.inputs import InputError, SourceRow, count_rows, normalize, read_rows
+from factory.inputs import InputError, MediaPaths, SourceRow, count_rows, normalize, read_rows
 from factory.job import JobConfig, JobConfigError, OutputConfig
 from factory.render import RenderedRow, conversation_id
 from factory.resample import Outcome, Prompt
@@ -220,7 +220,7 @@ class Progress:
 class _ResampleActor:
     """Ray wrapper of `ResampleStage` (async: one actor keeps many requests in flight)."""
 
-    def __init__(self, job: JobConfig, urls: list[str], server_names: list[str]):
+    def __init__(self, job: JobConfig, urls: list[str], server_names: list[str], media: MediaPaths):
         import ray
 
         from factory.resample import ResampleStage
@@ -231,7 +231,7 @@ class _ResampleActor:
         server_actors = [ray.get_actor(name) for name in server_names]
         frontend = Frontend.load(job.capture.target_config(job.model))
         self.stage = ResampleStage(frontend=frontend, render=job.render, sampling=job.sampling, servers=job.servers,
-                                   urls=urls, actors=server_actors, model_name=job.servers.model_name)
+                                   urls=urls, actors=server_actors, model_name=job.servers.model_name, media=media)
         _log_restart("resample")
 
     async def run(self, prompts: list[Prompt]) -> list[Outcome]:
@@ -287,6 +287,7 @@ class Pipeline:
     """The wired stages: actor handles and the job. `run()` drives them."""
 
     job: JobConfig
+    media: MediaPaths  # which files the rows' media paths may name
     resamplers: list[Any]
     captures: list[Any]  # capture actors; batches go round-robin over them
     servers: list[Any]  # VllmServerActor handles (empty when the job was given URLs or keeps answers)
@@ -308,9 +309,10 @@ class Pipeline:
             ray.kill(actor)
 
 
-def build_pipeline(job: JobConfig) -> Pipeline:
+def build_pipeline(job: JobConfig, *, media: MediaPaths) -> Pipeline:
     """Start the actors a job needs, in an initialised Ray: vLLM server actors (unless the job
-    gives URLs or keeps the original answers), resampler actors, the capture actors."""
+    gives URLs or keeps the original answers), resampler actors, the capture actors. `media`
+    says which files the rows' media paths may name (the user's own, or the service's roots)."""
     import ray
 
     from factory.resample import VllmServerActor, server_config
@@ -337,10 +339,10 @@ def build_pipeline(job: JobConfig) -> Pipeline:
     # The resampler only waits on HTTP: it holds no CPU, so it never starves the server or capture.
     resampler_cls = ray.remote(_ResampleActor).options(num_cpus=0, **retries)
     names = [f"specmill-vllm-{i}" for i in range(len(servers))]
-    resamplers = [resampler_cls.remote(job, urls, names) for _ in range(job.ray.resamplers)]
+    resamplers = [resampler_cls.remote(job, urls, names, media) for _ in range(job.ray.resamplers)]
     slots = 0 if job.sampling.keep_original_answers else job.servers.concurrency * len(urls)
     timings = {"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {}
-    return Pipeline(job=job, resamplers=resamplers, captures=captures, servers=servers,
+    return Pipeline(job=job, media=media, resamplers=resamplers, captures=captures, servers=servers,
                     server_slots=slots, timings=timings)
 
 
@@ -507,7 +509,7 @@ class _Driver:
             try:
                 if src.error is not None:
                     raise InputError(src.error)
-                messages = normalize(src.data, self.job.input)
+                messages = normalize(src.data, self.job.input, self.p.media)
                 sample_id = conversation_id(messages, **settings)
             except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
                 yield _record(src, "read", str(e))
@@ -551,9 +553,11 @@ def _record(src: SourceRow, stage: str, reason: str, sample_id: str | None = Non
 # --------------------------------------------------------------------------- entry point
 
 
-def run_job(job: JobConfig, *, show_progress: bool = True) -> dict[str, Any]:
+def run_job(job: JobConfig, *, media: MediaPaths, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a job to completion; return its report. Starts a local Ray unless the
-    job names an address (or Ray is already initialised)."""
+    job names an address (or Ray is already initialised). `media`: which files the rows' media
+    paths may name; `MediaPaths()` for the user's own (`factory run`), the job service confines
+    them to its roots."""
     existing = _existing_report(job)
     if existing is not None:
         log.info("%s is already complete; nothing to do", job.output.dir)
@@ -566,7 +570,7 @@ def run_job(job: JobConfig, *, show_progress: bool = True) -> dict[str, Any]:
     pipeline = None
     try:
         _check_resources(job)
-        pipeline = build_pipeline(job)
+        pipeline = build_pipeline(job, media=media)
         pipeline.timings["ray_init_s"] = ray_s
         return pipeline.run(show_progress=show_progress)
     finally:

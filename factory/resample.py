@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.answers import AnswerRenderer, TokenChat
-from factory.inputs import InputError, has_media, resample_turns, to_renderer_messages
+from factory.inputs import InputError, MediaPaths, has_media, resample_turns, to_renderer_messages
 from factory.job import SamplingConfig, ServersConfig
 from factory.render import Conversation, RenderConfig, RenderedRow, RenderError, Renderer, RenderStatus
 from factory.rows import JobFailure, is_row_failure, row_reason
@@ -157,11 +157,12 @@ class ResampleStage:
     """Pipeline stage: `await stage(prompts) -> outcomes` (one per prompt, same order).
 
     Holds the target's tokenizer and chat template (`Frontend`, no weights), the async HTTP
-    client and the server pool; `urls` empty means keep-original-answers mode."""
+    client and the server pool; `urls` empty means keep-original-answers mode. `media`: which
+    files the rows' media paths may name (default: the user's own, as `factory run` reads them)."""
 
     def __init__(self, *, frontend: Frontend, render: RenderConfig, sampling: SamplingConfig,
                  servers: ServersConfig, urls: Sequence[str] = (), actors: Sequence[Any] = (),
-                 model_name: str | None = None):
+                 model_name: str | None = None, media: MediaPaths = MediaPaths()):
         self.frontend = frontend
         self.render_config = render
         self.sampling = sampling
@@ -170,6 +171,7 @@ class ResampleStage:
         self.answers = AnswerRenderer(frontend, render)
         self._urls, self._actors = list(urls), list(actors)
         self.model_name = model_name
+        self.media = media  # which files the rows' media paths may name
         self._pool: ServerPool | None = None
         self._client = None
         if not sampling.keep_original_answers and not urls:
@@ -194,7 +196,7 @@ class ResampleStage:
 
     def _original(self, prompt: Prompt) -> Outcome:
         try:
-            messages = to_renderer_messages(prompt.messages)
+            messages = to_renderer_messages(prompt.messages, self.media)
         except InputError as e:
             return Outcome(sample_id=prompt.sample_id, stage="render", reason=str(e))
         conv = Conversation(messages=messages, source_index=prompt.source_index, sample_id=prompt.sample_id)

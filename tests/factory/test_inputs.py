@@ -16,6 +16,7 @@ from PIL import Image
 
 from factory.inputs import (
     InputError,
+    MediaPaths,
     count_rows,
     input_files,
     normalize,
@@ -199,6 +200,75 @@ def test_a_wav_cut_inside_a_sample_is_an_error_naming_the_part():
     part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
     with pytest.raises(InputError, match=r"content\[0\]\.input_audio\.data: the WAV holds \d+ bytes of samples"):
         to_renderer_messages([{"role": "user", "content": [part]}])
+
+
+def image_row(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+                         {"role": "assistant", "content": "A cat."}]}
+
+
+def media_reason(url: str, media: MediaPaths) -> str | None:
+    """Why a row naming `url` is refused at read and at render (the same reason), or None."""
+    config = InputConfig(paths=(Path("."),))
+    try:
+        messages = normalize(image_row(url), config, media)
+    except InputError as e:
+        with pytest.raises(InputError) as again:
+            to_renderer_messages(image_row(url)["messages"], media)
+        assert str(again.value) == str(e)
+        return str(e)
+    to_renderer_messages(messages, media)
+    return None
+
+
+@pytest.fixture()
+def media_tree(tmp_path, monkeypatch) -> dict[str, Path]:
+    """A data root and an input root, a file outside both, a symlink from inside to it, and a home
+    directory (HOME) holding a file."""
+    tree = {name: tmp_path / name for name in ("data", "models", "elsewhere", "home")}
+    for d in tree.values():
+        d.mkdir()
+    for d in ("data", "models", "elsewhere", "home"):
+        Image.new("RGB", (4, 4), (0, 0, 255)).save(tree[d] / "cat.png")
+    (tree["data"] / "link.png").symlink_to(tree["elsewhere"] / "cat.png")
+    monkeypatch.setenv("HOME", str(tree["home"]))
+    return tree
+
+
+def service_media(tree: dict[str, Path]) -> MediaPaths:
+    return MediaPaths.confined((tree["data"], tree["models"]), base=tree["data"])
+
+
+def test_through_the_service_a_media_file_inside_a_root_is_read(media_tree):
+    media = service_media(media_tree)
+    for url in (str(media_tree["data"] / "cat.png"), str(media_tree["models"] / "cat.png"), "cat.png"):
+        assert media_reason(url, media) is None, url
+    [part] = to_renderer_messages(image_row("cat.png")["messages"], media)[0]["content"]
+    assert part == {"type": "image", "image": (media_tree["data"] / "cat.png").resolve()}
+
+
+@pytest.mark.parametrize("where", ["outside", "symlink out", "home", "dot-dot"])
+def test_through_the_service_a_media_path_leading_out_of_the_roots_is_refused_as_if_missing(media_tree, where):
+    url = {"outside": str(media_tree["elsewhere"] / "cat.png"), "symlink out": str(media_tree["data"] / "link.png"),
+           "home": "~/cat.png",  # exists once ~ is expanded; through the service it never is
+           "dot-dot": "../elsewhere/cat.png"}[where]
+    missing = str(media_tree["data"] / "no-such.png")
+    media = service_media(media_tree)
+    refused, absent = media_reason(url, media), media_reason(missing, media)
+    assert refused == (f"field messages[0].content[0].image_url.url: image file {url} is not readable by this job "
+                       f"(missing, or outside the service's data and input roots)")
+    assert refused.replace(url, "X") == absent.replace(missing, "X")  # nothing tells the two apart
+
+
+def test_factory_run_reads_media_files_as_the_users_own_anywhere_and_expands_home(media_tree):
+    media = MediaPaths()  # what `factory run` reads with
+    for url in (str(media_tree["elsewhere"] / "cat.png"), str(media_tree["data"] / "link.png"), "~/cat.png"):
+        assert media_reason(url, media) is None, url
+    [part] = to_renderer_messages(image_row("~/cat.png")["messages"], media)[0]["content"]
+    assert part == {"type": "image", "image": media_tree["home"] / "cat.png"}
+    missing = str(media_tree["elsewhere"] / "no-such.png")
+    assert media_reason(missing, media) == f"field messages[0].content[0].image_url.url: image file {missing} does " \
+                                           f"not exist"
 
 
 def test_resampling_answers_where_the_source_answered_and_after_a_final_user_turn():
