@@ -90,13 +90,15 @@ class MediaPaths:
         """The file a media part at field `at` names, to be opened; InputError if this job may
         not open it."""
         if self.roots is None:
-            path = Path(url).expanduser()
             try:
+                path = Path(url).expanduser()
                 found = path.is_file()
-            except OSError as e:  # no permission, a name too long: the row's path, not the machine
+            # No permission, a name too long, ~someone unknown: the row's path, not the machine.
+            except (OSError, RuntimeError) as e:
                 if machine_trouble(e):
                     raise
-                raise InputError(f"field {at}: {kind} file {url} cannot be read ({e.strerror or e})") from None
+                raise InputError(f"field {at}: {kind} file {url} cannot be read "
+                                 f"({getattr(e, 'strerror', None) or e})") from None
             if not found:
                 raise InputError(f"field {at}: {kind} file {url} does not exist")
             return path
