@@ -457,6 +457,7 @@ def _capture_and_write(model: Path, config: BenchFactoryConfig, outcomes: list[A
 def _end_to_end(config: BenchFactoryConfig, model: Path, url: str, model_name: str | None, prompts: Path,
                 scratch: Path) -> dict[str, Any]:
     """A factory job on a local Ray against the same server, as `specmill factory run` runs it."""
+    from factory.inputs import MediaPaths
     from factory.job import load_job
     from factory.pipeline import run_job
 
@@ -466,7 +467,7 @@ def _end_to_end(config: BenchFactoryConfig, model: Path, url: str, model_name: s
                           "servers.model_name": model_name, "servers.concurrency": config.concurrency,
                           "render.max_length": config.max_length})
     started = time.perf_counter()
-    report = run_job(job, show_progress=False)
+    report = run_job(job, media=MediaPaths(), show_progress=False)
     wall = time.perf_counter() - started
     run = report["this_run"]
     elapsed = run["elapsed_s"]

@@ -21,6 +21,7 @@ from shared.manifest import DTYPES, DatasetHeader
 from shared.shards import Sample
 
 from factory.render import RenderedRow
+from factory.rows import RowFailure, is_row_failure, row_reason
 from factory.targets import HFTarget, Target, TargetConfig
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ class CaptureConfig:
 
 
 class CaptureStage:
-    """Pipeline stage: `__call__(rendered rows) -> samples`, in the rows' order."""
+    """Pipeline stage: `__call__(rendered rows) -> samples`, in the rows' order (a row that
+    makes the forward pass raise comes back as its `RowFailure`)."""
 
     def __init__(self, target: Target | TargetConfig, config: CaptureConfig):
         import torch
@@ -69,12 +71,18 @@ class CaptureStage:
         self.header: DatasetHeader = self.target.header(aux_layer_ids=config.aux_layer_ids, dtype=config.dtype)
         self.layer_ids = self.header.aux_layer_ids
         self._dtype = getattr(torch, config.dtype)
+        self._known_good: RenderedRow | None = None  # a row that went through: proof the target works
 
-    def __call__(self, rows: Sequence[RenderedRow]) -> list[Sample]:
+    def __call__(self, rows: Sequence[RenderedRow]) -> list[Sample | RowFailure]:
+        """A sample per row, or the row's failure (see `_forward_rows`)."""
         import torch
 
-        out = []
-        for row, (aux, last, positions) in zip(rows, self.hidden_states(rows)):
+        out: list[Sample | RowFailure] = []
+        for row, captured in zip(rows, self._batched(rows, self._forward_rows)):
+            if isinstance(captured, RowFailure):
+                out.append(captured)
+                continue
+            aux, last, positions = captured
             out.append(Sample(
                 sample_id=row.sample_id,
                 source_index=row.source_index,
@@ -92,13 +100,59 @@ class CaptureStage:
     def hidden_states(self, rows: Sequence[RenderedRow]) -> list[Captured]:
         """Per row, in the rows' order and the model's dtype, before the storage cast:
         aux [T, 3, H], pre-norm last [T, H], mRoPE position ids [3, T] or None."""
+        return self._batched(rows, self._forward)
+
+    def _batched(self, rows: Sequence[RenderedRow], forward) -> list:
         out: list = [None] * len(rows)
         batches = length_buckets([r.num_tokens for r in rows], max_batch_tokens=self.config.max_batch_tokens,
                                  max_batch_size=self.config.max_batch_size)
         for batch in batches:
-            for i, captured in zip(batch, self._forward([rows[i] for i in batch])):
+            for i, captured in zip(batch, forward([rows[i] for i in batch])):
                 out[i] = captured
         return out
+
+    def _forward_rows(self, rows: list[RenderedRow]) -> list[Captured | RowFailure]:
+        """`_forward`, with the row boundary (factory.rows) drawn around each row: a batch that
+        raises runs again row by row, and a row that raises alone is that row's failure, as long
+        as the target shows it works (another row of the batch goes through, or the last row
+        that went through goes through again). If nothing does, the target is broken: the error
+        stops the job instead of quarantining row after row."""
+        try:
+            captured = self._forward(rows)
+        except Exception as e:
+            if not is_row_failure(e):
+                raise
+            return self._row_by_row(rows, e)
+        self._known_good = min(rows, key=lambda r: r.num_tokens)
+        return captured
+
+    def _row_by_row(self, rows: list[RenderedRow], error: Exception) -> list[Captured | RowFailure]:
+        log.warning("a capture batch of %d rows raised %s; running its rows one by one", len(rows),
+                    type(error).__name__)
+        alone = [self._forward_alone(row) for row in rows]
+        if all(isinstance(a, Exception) for a in alone) and not self._target_works():
+            raise error
+        out: list[Captured | RowFailure] = []
+        for row, a in zip(rows, alone):
+            if isinstance(a, Exception):
+                log.warning("row %s (source_index %d) fails capture alone: %s", row.sample_id, row.source_index, a)
+                out.append(RowFailure(sample_id=row.sample_id, stage="capture", reason=row_reason(a, "capture")))
+            else:
+                self._known_good = row
+                out.append(a)
+        return out
+
+    def _forward_alone(self, row: RenderedRow) -> Captured | Exception:
+        try:
+            return self._forward([row])[0]
+        except Exception as e:  # judged by the caller, which sees the whole batch
+            if not is_row_failure(e):
+                raise
+            return e
+
+    def _target_works(self) -> bool:
+        """Whether the last row that went through goes through again (False if none has yet)."""
+        return self._known_good is not None and not isinstance(self._forward_alone(self._known_good), Exception)
 
     def _forward(self, rows: list[RenderedRow]) -> list[Captured]:
         import torch

@@ -161,6 +161,7 @@ def _cmd_factory_prompts(args: argparse.Namespace) -> int:
 def _cmd_factory_run(args: argparse.Namespace) -> int:
     import json
 
+    from factory.inputs import MediaPaths
     from factory.job import load_job
     from factory.pipeline import FactoryError, run_job
 
@@ -168,7 +169,8 @@ def _cmd_factory_run(args: argparse.Namespace) -> int:
     overrides["input.paths"] = [str(p) for p in args.prompts] if args.prompts else None
     job = load_job(args.job, overrides)
     try:
-        report = run_job(job, show_progress=not args.no_progress)
+        # The user's own files: media paths in rows are read wherever they point, ~ expanded.
+        report = run_job(job, media=MediaPaths(), show_progress=not args.no_progress)
     except FactoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,10 @@ location `(file, row)` and its place in the input never change between runs. A r
 cannot be used raises `InputError` naming the field and what was expected; the pipeline
 quarantines it with its location, and the job goes on.
 
+A media part may name a file by path. Which files a job may open that way is a `MediaPaths`
+policy the job is run with: `factory run` reads the user's own files (any path, `~`
+expanded); the job service confines them to its roots (see `MediaPaths`).
+
 Chats stay in OpenAI form (JSON, what the id is computed from and what a server is sent);
 `to_renderer_messages` turns media parts into what `factory.render.Renderer` takes
 (PIL images, waveforms) only where they are rendered.
@@ -26,12 +30,15 @@ import binascii
 import io
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from factory.job import InputConfig
+from factory.rows import machine_trouble
+from factory.targets import ImageTooLarge, open_image
 
 log = logging.getLogger("specmill.factory.inputs")
 
@@ -57,6 +64,58 @@ class SourceRow:
     index: int  # 0-based position in the whole input
     data: dict[str, Any] | None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPaths:
+    """Which files a row's media paths (an `image_url.url` that is not a data URI) may name.
+
+    `MediaPaths()`, what `factory run` uses: the user's own files, any path, `~` expanded.
+    `MediaPaths.confined(roots, base)`, what the job service uses: a path must resolve,
+    symlinks included, to a readable file inside one of `roots`; a relative path starts at
+    `base`, and `~` is never expanded (the service's home directory is not the client's). A
+    path refused for where it leads gets the same reason as a missing one, so a job cannot
+    probe which files the service's machine holds."""
+
+    roots: tuple[Path, ...] | None = None  # None: not confined
+    base: Path | None = None  # where a relative path starts, when confined
+
+    @classmethod
+    def confined(cls, roots: Sequence[str | Path], base: str | Path) -> MediaPaths:
+        if not roots:
+            raise ValueError("confined media paths need at least one root")
+        return cls(roots=tuple(Path(r).resolve() for r in roots), base=Path(base).resolve())
+
+    def file(self, url: str, at: str, kind: str = "image") -> Path:
+        """The file a media part at field `at` names, to be opened; InputError if this job may
+        not open it."""
+        if self.roots is None:
+            try:
+                path = Path(url).expanduser()
+                found = path.is_file()
+            # No permission, a name too long, ~someone unknown: the row's path, not the machine.
+            except (OSError, RuntimeError) as e:
+                if machine_trouble(e):
+                    raise
+                raise InputError(f"field {at}: {kind} file {url} cannot be read "
+                                 f"({getattr(e, 'strerror', None) or e})") from None
+            if not found:
+                raise InputError(f"field {at}: {kind} file {url} does not exist")
+            return path
+        # One reason for every refusal: missing, outside the roots, a symlink out of them, unreadable.
+        refused = InputError(f"field {at}: {kind} file {url} is not readable by this job (missing, or outside "
+                             f"the service's data and input roots)")
+        path = Path(url)
+        try:
+            real = (path if path.is_absolute() else self.base / path).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL byte
+            if machine_trouble(e):
+                raise
+            raise refused from None
+        if not any(real.is_relative_to(root) for root in self.roots) or not real.is_file() \
+                or not os.access(real, os.R_OK):
+            raise refused
+        return real
 
 
 # --------------------------------------------------------------------------- files
@@ -117,7 +176,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | 
                 continue  # blank lines are not rows
             try:
                 data = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except RecursionError:
+                # Python's parser recurses once per nesting level; a deeper row is this row's problem.
+                yield row, None, "not usable JSON: nested too deeply to parse (arrays or objects inside each other)"
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
                 yield row, None, f"not valid JSON ({e})"
             else:
                 if isinstance(data, dict):
@@ -140,9 +202,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str 
 # --------------------------------------------------------------------------- rows -> chats
 
 
-def normalize(data: dict[str, Any], config: InputConfig) -> list[dict[str, Any]]:
+def normalize(data: dict[str, Any], config: InputConfig, media: MediaPaths = MediaPaths()) -> list[dict[str, Any]]:
     """A row's chat in OpenAI form: [{"role", "content"}], content a string or OpenAI parts.
-    Raises InputError naming the field."""
+    Raises InputError naming the field (a media file `media` does not let the job open too)."""
     fmt = config.format
     if fmt == "auto":
         if "messages" in data:
@@ -155,7 +217,7 @@ def normalize(data: dict[str, Any], config: InputConfig) -> list[dict[str, Any]]
             wanted = ["messages", "conversations"] + ([config.prompt_column] if config.prompt_column else [])
             raise InputError(f"the row has none of the fields {wanted} (it has {sorted(data)[:8]})")
     if fmt == "messages":
-        return _openai_messages(data.get("messages"))
+        return _openai_messages(data.get("messages"), media)
     if fmt == "sharegpt":
         return _sharegpt(data.get("conversations"))
     prompt = data.get(config.prompt_column)
@@ -164,7 +226,7 @@ def normalize(data: dict[str, Any], config: InputConfig) -> list[dict[str, Any]]
     return [{"role": "user", "content": prompt}]
 
 
-def _openai_messages(messages: Any) -> list[dict[str, Any]]:
+def _openai_messages(messages: Any, media: MediaPaths) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise InputError(f"field messages must be a non-empty list of {{role, content}}, got {_short(messages)}")
     out = []
@@ -175,7 +237,7 @@ def _openai_messages(messages: Any) -> list[dict[str, Any]]:
         role = msg.get("role")
         if role not in ROLES:
             raise InputError(f"field {where}.role must be one of {ROLES}, got {_short(role)}")
-        out.append({"role": role, "content": _content(msg.get("content"), f"{where}.content")})
+        out.append({"role": role, "content": _content(msg.get("content"), f"{where}.content", media)})
     return _check_chat(out)
 
 
@@ -197,7 +259,7 @@ def _sharegpt(turns: Any) -> list[dict[str, Any]]:
     return _check_chat(out)
 
 
-def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+def _content(content: Any, where: str, media: MediaPaths) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
@@ -213,8 +275,8 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str) or not url:
                 raise InputError(f"field {at}.image_url.url must be a data URI or a file path, got {_short(url)}")
-            if not url.startswith("data:") and not Path(url).expanduser().is_file():
-                raise InputError(f"field {at}.image_url.url: image file {url} does not exist")
+            if not url.startswith("data:"):
+                media.file(url, f"{at}.image_url.url")
             parts.append({"type": "image_url", "image_url": {"url": url}})
         elif kind == "input_audio":
             audio = part.get("input_audio")
@@ -261,9 +323,10 @@ def resample_turns(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]
     return groups
 
 
-def to_renderer_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def to_renderer_messages(messages: list[dict[str, Any]], media: MediaPaths = MediaPaths()) -> list[dict[str, Any]]:
     """OpenAI-form parts as `factory.render.Renderer` takes them: images decoded (data URI)
-    or as paths, audio as {array, sampling_rate}. Raises InputError naming the field."""
+    or as the paths `media` lets the job open, audio as {array, sampling_rate}. Raises
+    InputError naming the field."""
     out = []
     for i, m in enumerate(messages):
         if isinstance(m["content"], str):
@@ -275,24 +338,26 @@ def to_renderer_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]
             if part["type"] == "text":
                 parts.append(part)
             elif part["type"] == "image_url":
-                parts.append({"type": "image", "image": _image(part["image_url"]["url"], where)})
+                parts.append({"type": "image", "image": _image(part["image_url"]["url"], where, media)})
             else:
                 parts.append({"type": "audio", "audio": _wav(part["input_audio"]["data"], where)})
         out.append({"role": m["role"], "content": parts})
     return out
 
 
-def _image(url: str, where: str) -> Any:
+def _image(url: str, where: str, media: MediaPaths) -> Any:
     if not url.startswith("data:"):
-        return Path(url).expanduser()
-    from PIL import Image, UnidentifiedImageError
+        # Checked again here, where it is opened: the file may have changed since the row was read.
+        return media.file(url, f"{where}.image_url.url")
+    from PIL import UnidentifiedImageError
 
     header, _, payload = url.partition(",")
     if not header.startswith("data:image/") or not header.endswith(";base64"):
         raise InputError(f"field {where}.image_url.url: a data URI must be data:image/...;base64,..., got {header[:40]!r}")
     try:
-        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as im:
-            return im.convert("RGB")
+        return open_image(io.BytesIO(base64.b64decode(payload, validate=True)))
+    except ImageTooLarge as e:
+        raise InputError(f"field {where}.image_url.url: {e}") from None
     except (binascii.Error, UnidentifiedImageError, OSError) as e:
         raise InputError(f"field {where}.image_url.url: not a readable base64 image ({e})") from None
 
@@ -310,6 +375,9 @@ def _wav(data: str, where: str) -> dict[str, Any]:
         raise InputError(f"field {where}.input_audio.data: not a readable base64 WAV ({e})") from None
     if width != 2:
         raise InputError(f"field {where}.input_audio.data: WAV must be 16-bit PCM, got {8 * width}-bit")
+    if len(frames) % (2 * channels):
+        raise InputError(f"field {where}.input_audio.data: the WAV holds {len(frames)} bytes of samples, not a "
+                         f"whole number of 16-bit frames of {channels} channel(s)")
     samples = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
     samples = samples.reshape(-1, channels).mean(axis=1)
     return {"array": samples, "sampling_rate": rate}

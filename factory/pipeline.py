@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.inputs import InputError, SourceRow, count_rows, normalize, read_rows
+from factory.inputs import InputError, MediaPaths, SourceRow, count_rows, normalize, read_rows
 from factory.job import JobConfig, JobConfigError, OutputConfig
 from factory.ray_auth import own_token, token_in_process
 from factory.render import RenderedRow, conversation_id
 from factory.resample import Outcome, Prompt
+from factory.rows import RowFailure, is_row_failure, row_reason
 from shared.manifest import DatasetHeader, ManifestError, atomic_write_bytes, load_manifest, save_manifest
-from shared.shards import Sample, ShardWriter
+from shared.shards import Sample, SampleError, ShardWriter
 
 log = logging.getLogger("specmill.factory.pipeline")
 
@@ -69,7 +70,7 @@ class QuarantineRecord:
     file: str
     row: int
     index: int  # position in the whole input
-    stage: str  # read | resample | render
+    stage: str  # read | resample | render | capture | write
     reason: str
     sample_id: str | None = None
 
@@ -222,7 +223,7 @@ class Progress:
 class _ResampleActor:
     """Ray wrapper of `ResampleStage` (async: one actor keeps many requests in flight)."""
 
-    def __init__(self, job: JobConfig, urls: list[str], server_names: list[str]):
+    def __init__(self, job: JobConfig, urls: list[str], server_names: list[str], media: MediaPaths):
         import ray
 
         from factory.resample import ResampleStage
@@ -233,7 +234,7 @@ class _ResampleActor:
         server_actors = [ray.get_actor(name) for name in server_names]
         frontend = Frontend.load(job.capture.target_config(job.model))
         self.stage = ResampleStage(frontend=frontend, render=job.render, sampling=job.sampling, servers=job.servers,
-                                   urls=urls, actors=server_actors, model_name=job.servers.model_name)
+                                   urls=urls, actors=server_actors, model_name=job.servers.model_name, media=media)
         _log_restart("resample")
 
     async def run(self, prompts: list[Prompt]) -> list[Outcome]:
@@ -289,6 +290,7 @@ class Pipeline:
     """The wired stages: actor handles and the job. `run()` drives them."""
 
     job: JobConfig
+    media: MediaPaths  # which files the rows' media paths may name
     resamplers: list[Any]
     captures: list[Any]  # capture actors; batches go round-robin over them
     servers: list[Any]  # VllmServerActor handles (empty when the job was given URLs or keeps answers)
@@ -310,9 +312,10 @@ class Pipeline:
             ray.kill(actor)
 
 
-def build_pipeline(job: JobConfig) -> Pipeline:
+def build_pipeline(job: JobConfig, *, media: MediaPaths) -> Pipeline:
     """Start the actors a job needs, in an initialised Ray: vLLM server actors (unless the job
-    gives URLs or keeps the original answers), resampler actors, the capture actors."""
+    gives URLs or keeps the original answers), resampler actors, the capture actors. `media`
+    says which files the rows' media paths may name (the user's own, or the service's roots)."""
     import ray
 
     from factory.resample import VllmServerActor, server_config
@@ -335,14 +338,20 @@ def build_pipeline(job: JobConfig) -> Pipeline:
                    .remote(server_config(job.model, job.servers, job.render, log_dir))
                    for i in range(job.servers.replicas)]
         log.info("starting %d vLLM server(s); waiting for health", len(servers))
-        urls = ray.get([s.endpoint.remote() for s in servers])
+        try:
+            urls = ray.get([s.endpoint.remote() for s in servers])
+        except ray.exceptions.RayActorError as e:
+            # The actor's __init__ failed (Ray does not restart those): the server exited or was
+            # not healthy within servers.startup_timeout_s; the error ends with its log's tail.
+            raise FactoryError(f"the job's vLLM server could not start: {e}") from None
     # The resampler only waits on HTTP: it holds no CPU, so it never starves the server or capture.
     resampler_cls = ray.remote(_ResampleActor).options(num_cpus=0, **retries)
     names = [f"specmill-vllm-{i}" for i in range(len(servers))]
-    resamplers = [resampler_cls.remote(job, urls, names) for _ in range(job.ray.resamplers)]
+    resamplers = [resampler_cls.remote(job, urls, names, media) for _ in range(job.ray.resamplers)]
     slots = 0 if job.sampling.keep_original_answers else job.servers.concurrency * len(urls)
-    return Pipeline(job=job, resamplers=resamplers, captures=captures, servers=servers, server_slots=slots,
-                    timings={"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {})
+    timings = {"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {}
+    return Pipeline(job=job, media=media, resamplers=resamplers, captures=captures, servers=servers,
+                    server_slots=slots, timings=timings)
 
 
 class _Driver:
@@ -454,12 +463,8 @@ class _Driver:
                     for outcome in results:
                         self._resampled(outcome, meta, waiting, progress, quarantine)
                 else:
-                    for sample in results:
-                        out.add(sample)
-                        meta.pop(sample.sample_id)
-                        progress.written += 1
-                        progress.captured += 1
-                        progress.captured_tokens += int(sample.input_ids.shape[0])
+                    for result in results:
+                        self._captured(result, out, meta, progress, quarantine)
             if out.uncommitted >= self.job.output.commit_every or (
                     out.uncommitted and time.monotonic() - last_commit >= self.job.output.commit_interval_s):
                 out.commit()
@@ -479,6 +484,25 @@ class _Driver:
         quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index, stage=outcome.stage,
                                     reason=outcome.reason or "unknown", sample_id=prompt.sample_id))
 
+    def _captured(self, result: Sample | RowFailure, out: JobOutput, meta: dict[str, Prompt], progress: Progress,
+                  quarantine) -> None:
+        prompt = meta.pop(result.sample_id)
+        if isinstance(result, RowFailure):
+            quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index,
+                                        stage=result.stage, reason=result.reason, sample_id=prompt.sample_id))
+            return
+        progress.captured += 1
+        progress.captured_tokens += int(result.input_ids.shape[0])
+        try:
+            out.add(result)
+        except SampleError as e:
+            # The writer checks a sample whole before it writes a byte of it, so a refused sample
+            # leaves the shard as it was; any other error here (disk full) is the job's.
+            quarantine(QuarantineRecord(file=prompt.file, row=prompt.row, index=prompt.source_index,
+                                        stage="write", reason=str(e), sample_id=prompt.sample_id))
+            return
+        progress.written += 1
+
     def _prompts(self, done: set[str], quarantined: set[tuple[str, int]], progress: Progress
                  ) -> Iterator[Prompt | QuarantineRecord]:
         """Input rows in order, as prompts to run or records to quarantine; what an earlier run
@@ -493,10 +517,15 @@ class _Driver:
             try:
                 if src.error is not None:
                     raise InputError(src.error)
-                messages = normalize(src.data, self.job.input)
+                messages = normalize(src.data, self.job.input, self.p.media)
                 sample_id = conversation_id(messages, **settings)
             except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
                 yield _record(src, "read", str(e))
+                continue
+            except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
+                if not is_row_failure(e):
+                    raise
+                yield _record(src, "read", row_reason(e, "read"))
                 continue
             if sample_id in first_seen:
                 yield _record(src, "read", f"duplicate of {first_seen[sample_id]} (same chat, same settings)",
@@ -532,9 +561,11 @@ def _record(src: SourceRow, stage: str, reason: str, sample_id: str | None = Non
 # --------------------------------------------------------------------------- entry point
 
 
-def run_job(job: JobConfig, *, show_progress: bool = True) -> dict[str, Any]:
+def run_job(job: JobConfig, *, media: MediaPaths, show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a job to completion; return its report. Starts a local Ray unless the
-    job names an address (or Ray is already initialised)."""
+    job names an address (or Ray is already initialised). `media`: which files the rows' media
+    paths may name; `MediaPaths()` for the user's own (`factory run`), the job service confines
+    them to its roots."""
     existing = _existing_report(job)
     if existing is not None:
         log.info("%s is already complete; nothing to do", job.output.dir)
@@ -545,7 +576,7 @@ def run_job(job: JobConfig, *, show_progress: bool = True) -> dict[str, Any]:
     with _ray_session(job):
         ray_s = round(time.monotonic() - started, 1)
         _check_resources(job)
-        pipeline = build_pipeline(job)
+        pipeline = build_pipeline(job, media=media)
         try:
             pipeline.timings["ray_init_s"] = ray_s
             return pipeline.run(show_progress=show_progress)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2.exceptions import TemplateError
 
+from factory.rows import machine_trouble
 from factory.targets import EncodedMedia, Frontend
 
 if TYPE_CHECKING:
@@ -196,6 +197,8 @@ class Renderer:
                 try:
                     media.append(self.frontend.encode(kind, part[kind]))
                 except (ValueError, OSError) as e:  # OSError: an image file that is missing or not an image
+                    if machine_trouble(e):
+                        raise  # out of file descriptors, an I/O error: not this row's fault
                     raise RenderError(f"field {where}[{j}].{kind}: {e}") from None
                 light.append({"type": kind, kind: f"<{kind} {len(media) - 1}>"})
             elif kind in ("image", "audio", "video"):

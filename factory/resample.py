@@ -37,16 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from factory.answers import AnswerRenderer, TokenChat
-from factory.inputs import InputError, has_media, resample_turns, to_renderer_messages
+from factory.inputs import InputError, MediaPaths, has_media, resample_turns, to_renderer_messages
 from factory.job import SamplingConfig, ServersConfig
 from factory.render import Conversation, RenderConfig, RenderedRow, RenderError, Renderer, RenderStatus
+from factory.rows import JobFailure, is_row_failure, row_reason
 from factory.targets import Frontend
 from factory.vllm_server import VllmServer, VllmServerConfig
 
 log = logging.getLogger("specmill.factory.resample")
 
 
-class ResampleError(RuntimeError):
+class ResampleError(JobFailure):
     """The servers could not answer a request after every retry; the job stops (and resumes later)."""
 
 
@@ -156,11 +157,12 @@ class ResampleStage:
     """Pipeline stage: `await stage(prompts) -> outcomes` (one per prompt, same order).
 
     Holds the target's tokenizer and chat template (`Frontend`, no weights), the async HTTP
-    client and the server pool; `urls` empty means keep-original-answers mode."""
+    client and the server pool; `urls` empty means keep-original-answers mode. `media`: which
+    files the rows' media paths may name (default: the user's own, as `factory run` reads them)."""
 
     def __init__(self, *, frontend: Frontend, render: RenderConfig, sampling: SamplingConfig,
                  servers: ServersConfig, urls: Sequence[str] = (), actors: Sequence[Any] = (),
-                 model_name: str | None = None):
+                 model_name: str | None = None, media: MediaPaths = MediaPaths()):
         self.frontend = frontend
         self.render_config = render
         self.sampling = sampling
@@ -169,6 +171,7 @@ class ResampleStage:
         self.answers = AnswerRenderer(frontend, render)
         self._urls, self._actors = list(urls), list(actors)
         self.model_name = model_name
+        self.media = media  # which files the rows' media paths may name
         self._pool: ServerPool | None = None
         self._client = None
         if not sampling.keep_original_answers and not urls:
@@ -177,13 +180,23 @@ class ResampleStage:
     async def __call__(self, prompts: Sequence[Prompt]) -> list[Outcome]:
         if self.sampling.keep_original_answers:
             return [self.original(p) for p in prompts]
+        await self._ensure_client()  # the servers' model name: the job's business, outside the row boundary
         return list(await asyncio.gather(*(self.resample(p) for p in prompts)))
 
     # -- keep the data set's answers
 
     def original(self, prompt: Prompt) -> Outcome:
+        """The row rendered with its own answers, or a reason to quarantine it."""
         try:
-            messages = to_renderer_messages(prompt.messages)
+            return self._original(prompt)
+        except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
+            if not is_row_failure(e):
+                raise
+            return Outcome(sample_id=prompt.sample_id, stage="render", reason=row_reason(e, "render"))
+
+    def _original(self, prompt: Prompt) -> Outcome:
+        try:
+            messages = to_renderer_messages(prompt.messages, self.media)
         except InputError as e:
             return Outcome(sample_id=prompt.sample_id, stage="render", reason=str(e))
         conv = Conversation(messages=messages, source_index=prompt.source_index, sample_id=prompt.sample_id)
@@ -197,6 +210,16 @@ class ResampleStage:
     # -- resample
 
     async def resample(self, prompt: Prompt) -> Outcome:
+        """The row with the target's own answers, or a reason to quarantine it; raises
+        ResampleError when the servers stay down (the job's failure, not the row's)."""
+        try:
+            return await self._resample(prompt)
+        except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
+            if not is_row_failure(e):
+                raise
+            return Outcome(sample_id=prompt.sample_id, stage="resample", reason=row_reason(e, "resample"))
+
+    async def _resample(self, prompt: Prompt) -> Outcome:
         sid = prompt.sample_id
         if has_media(prompt.messages):
             return Outcome(sample_id=sid, reason="resampling chats with images or audio is not supported yet; "
@@ -264,19 +287,20 @@ class ResampleStage:
             server = await pool.acquire()
             try:
                 response = await self._client.post(f"{server.url}/v1/completions", json=payload)
-            except httpx.TransportError as e:
+            # Every httpx error (transport, a body that cannot be decoded, ...) is the server's: retried
+            # here, then the job's failure, never taken for the row's by the row boundary.
+            except httpx.HTTPError as e:
                 error = f"{type(e).__name__}: {e}"
                 pool.failed(server, error)
             else:
-                if response.status_code == 200:
+                if response.status_code == 200 and (completion := _completion(response)) is not None:
                     pool.succeeded(server)
-                    choice = response.json()["choices"][0]
-                    return {"token_ids": choice["token_ids"], "finish_reason": choice["finish_reason"]}
+                    return completion
                 message = _error_message(response)
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     raise RowRejected(f"HTTP {response.status_code}: {message}")
                 error = f"HTTP {response.status_code}: {message}"
-                if response.status_code >= 500:
+                if response.status_code >= 500 or response.status_code == 200:  # 200: not a completion
                     pool.failed(server, error)
             finally:
                 pool.release(server)
@@ -324,6 +348,15 @@ async def served_model_name(client: Any, urls: Sequence[str]) -> str:
                              f"set servers.model_name")
         return models[0]["id"]
     raise ResampleError(f"no server answered /v1/models to tell the model name: {'; '.join(errors)}")
+
+
+def _completion(response: Any) -> dict[str, Any] | None:
+    """{"token_ids", "finish_reason"} of a completion answer; None if the body is not one."""
+    try:
+        choice = response.json()["choices"][0]
+        return {"token_ids": list(choice["token_ids"]), "finish_reason": choice["finish_reason"]}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _error_message(response: Any) -> str:

@@ -73,6 +73,33 @@ class EncodedMedia:
     num_tokens: int
 
 
+class ImageTooLarge(ValueError):
+    """An image that declares more pixels than the factory decodes."""
+
+
+def open_image(source: Any):
+    """An image file (path or file object) decoded to RGB, refused (ImageTooLarge) before
+    decoding when it declares more than PIL's MAX_IMAGE_PIXELS: a PNG of a few bytes can
+    declare 60,000 x 60,000 pixels (a decompression bomb), 10 GiB once decoded."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL only warns between the limit and twice it; refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+        with im:
+            width, height = im.size
+            if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+                raise ImageTooLarge(f"the image declares {width} x {height} pixels, more than the "
+                                    f"{Image.MAX_IMAGE_PIXELS} this factory decodes (a decompression bomb, or an "
+                                    f"image to scale down first)")
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # Image.open refuses twice the limit itself
+        raise ImageTooLarge(f"the image declares more pixels than this factory decodes ({e})") from None
+
+
 def _load_image(value: Any):
     from PIL import Image
     import numpy as np
@@ -80,8 +107,7 @@ def _load_image(value: Any):
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, (str, Path)):
-        with Image.open(value) as im:
-            return im.convert("RGB")
+        return open_image(value)
     if isinstance(value, np.ndarray) and value.ndim == 3 and value.dtype == np.uint8:
         return Image.fromarray(value).convert("RGB")
     raise ValueError(f"an image must be a PIL image, a file path or a uint8 [H, W, C] array, "

@@ -85,6 +85,11 @@ class ShardError(RuntimeError):
     """A shard that is missing, truncated, corrupt or does not match its manifest."""
 
 
+class SampleError(ValueError):
+    """A sample `ShardWriter.add` refuses (a field of the wrong shape, dtype or range); it is
+    checked whole before any of it is written, so the open shard is left as it was."""
+
+
 def shard_schema(header: DatasetHeader) -> pa.Schema:
     def tensor(name: str, dtype: str, shape: str, nullable: bool = False) -> pa.Field:
         return pa.field(name, pa.large_binary(), nullable=nullable,
@@ -252,26 +257,27 @@ class ShardWriter:
             "last_hidden_state": ((t, h), self._torch_dtype),
         }
         if t <= 0:
-            raise ValueError(f"{where}: field input_ids must be a non-empty 1-D tensor, "
-                             f"got shape {tuple(s.input_ids.shape)}")
+            raise SampleError(f"{where}: field input_ids must be a non-empty 1-D tensor, "
+                              f"got shape {tuple(s.input_ids.shape)}")
         if s.position_ids is not None:
             expect["position_ids"] = ((3, t), None)
         for name, (shape, dtype) in expect.items():
             value = getattr(s, name)
             if tuple(value.shape) != shape:
-                raise ValueError(f"{where}: field {name} has shape {tuple(value.shape)}, expected {shape}")
+                raise SampleError(f"{where}: field {name} has shape {tuple(value.shape)}, expected {shape}")
             if dtype is not None and value.dtype != dtype:
-                raise ValueError(f"{where}: field {name} has dtype {value.dtype}, expected {dtype} "
-                                 f"(the data set's dtype is {self.header.dtype})")
+                raise SampleError(f"{where}: field {name} has dtype {value.dtype}, expected {dtype} "
+                                  f"(the data set's dtype is {self.header.dtype})")
         ids = s.input_ids.to(torch.int64)
         if int(ids.min()) < 0 or int(ids.max()) >= self.header.target.vocab_size:
-            raise ValueError(f"{where}: field input_ids holds ids outside [0, {self.header.target.vocab_size})")
+            raise SampleError(f"{where}: field input_ids holds ids outside [0, {self.header.target.vocab_size})")
         mask = s.loss_mask.to(torch.uint8)
         if int(mask.max()) > 1:
-            raise ValueError(f"{where}: field loss_mask must hold only 0 and 1")
+            raise SampleError(f"{where}: field loss_mask must hold only 0 and 1")
         for kind, start, end in s.modality_spans:
             if not (0 <= start < end <= t):
-                raise ValueError(f"{where}: field modality_spans has span ({kind}, {start}, {end}) outside [0, {t})")
+                raise SampleError(f"{where}: field modality_spans has span ({kind}, {start}, {end}) "
+                                  f"outside [0, {t})")
 
         def raw(x) -> pa.Array:  # one value, built on the tensor's bytes without a copy
             data = pa.py_buffer(x.contiguous().view(torch.uint8).numpy())

@@ -8,6 +8,8 @@ checks, the service enforces:
 - confinement: every path resolves (symlinks included) inside the configured roots: inputs
   (model, prompts) inside data_root or an input root, the output strictly inside data_root
   and outside the service's own state directory. Relative paths are relative to data_root.
+  The media files rows name are confined the same way when the worker reads them
+  (`media_paths`), where a refused path and a missing one get the same reason.
 - bounds: `max_samples` is required (if so configured) and capped, `max_tokens` capped.
 - service-owned keys: the Ray address and local-Ray sizing are the service's; the keys that
   start processes with arbitrary flags or environment, or call arbitrary hosts, only when
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.inputs import MediaPaths
 from factory.job import JobConfigError, load_job
 from factory.service.settings import ServiceSettings
 
@@ -97,6 +100,12 @@ def check_confined(tables: dict[str, Any], settings: ServiceSettings) -> None:
     errors = _confine_paths(copy.deepcopy(tables), {}, settings)
     if errors:
         raise SpecError(errors)
+
+
+def media_paths(settings: ServiceSettings) -> MediaPaths:
+    """The files a service job's rows may name as media: inside data_root or an input root, as
+    its inputs; relative paths from data_root; `~` never expanded."""
+    return MediaPaths.confined((settings.data_root, *settings.input_roots), base=settings.data_root)
 
 
 def _confine_paths(tables: dict[str, Any], where: dict[str, tuple[str, ...]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -12,9 +13,10 @@ import torch
 from factory.capture import CaptureConfig, CaptureStage, length_buckets
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import Conversation, RenderConfig, Renderer
+from factory.rows import RowFailure
 from factory.targets import HFTarget, TargetConfig, TargetError, spec_for
 from factory.tiny_models import build_tiny_causal_lm
-from shared.shards import Dataset, ShardWriter
+from shared.shards import Dataset, Sample, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,12 @@ def smollm_dir() -> Path:
 @pytest.fixture(scope="module")
 def smollm32(smollm_dir: Path) -> HFTarget:
     return HFTarget(TargetConfig(model=smollm_dir, dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm_dir: Path, tmp_path_factory) -> HFTarget:
+    out = tmp_path_factory.mktemp("tiny") / "llama"
+    return HFTarget(TargetConfig(model=build_tiny_causal_lm("llama", out, tokenizer_dir=smollm_dir), dtype="float32"))
 
 
 def conversations(n: int) -> list[Conversation]:
@@ -189,3 +197,43 @@ def test_each_family_spec_captures_what_transformers_computes(model_type, smollm
     torch.testing.assert_close(aux, torch.stack([out.hidden_states[i][0] for i in (2, 4, 5)], dim=1),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(target.logits(last), out.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def poisoned(row, vocab_size: int):
+    """The row with a token id the embedding has no row for: the forward pass raises IndexError."""
+    ids = row.input_ids.clone()
+    ids[1] = vocab_size
+    return dataclasses.replace(row, sample_id=row.sample_id + "-poisoned", input_ids=ids)
+
+
+def test_a_row_that_makes_the_forward_raise_fails_alone_and_its_batch_is_captured(tiny_llama):
+    good = rendered(tiny_llama, 3)
+    bad = poisoned(good[1], tiny_llama.vocab_size)
+    stage = CaptureStage(tiny_llama, CaptureConfig(max_batch_size=4))
+    out = stage([good[0], bad, good[2]])
+    assert [type(x) for x in out] == [Sample, RowFailure, Sample]
+    assert out[1].sample_id == bad.sample_id and out[1].stage == "capture"
+    assert out[1].reason.startswith("the capture stage raised IndexError: index out of range")
+    expected = CaptureStage(tiny_llama, CaptureConfig(max_batch_size=1)).hidden_states([good[0], good[2]])
+    for sample, (aux, _, _) in zip((out[0], out[2]), expected):
+        torch.testing.assert_close(sample.aux_hidden_states, aux.to(torch.bfloat16))
+    # Alone in its batch, after other rows went through: still the row's failure.
+    [alone] = stage([bad])
+    assert isinstance(alone, RowFailure) and alone.sample_id == bad.sample_id
+
+
+def test_when_no_row_goes_through_the_target_the_error_stops_the_job(tiny_llama):
+    """Nothing shows the target works (a fresh stage, every row fails): the error is not taken
+    for the rows', which would quarantine them one after another."""
+    rows = [poisoned(r, tiny_llama.vocab_size) for r in rendered(tiny_llama, 2)]
+    with pytest.raises(IndexError):
+        CaptureStage(tiny_llama, CaptureConfig())(rows)
+    # A target that breaks after rows went through: the last good row, run again, fails too.
+    broken = HFTarget(TargetConfig(model=tiny_llama.config.model, dtype="float32"))
+    stage = CaptureStage(broken, CaptureConfig())
+    good = rendered(broken, 3)
+    assert isinstance(stage(good[:1])[0], Sample)
+    embed = broken.model.model.embed_tokens
+    embed.weight.data = embed.weight.data[:(embed.padding_idx or 0) + 1]  # the other tokens lose their embedding
+    with pytest.raises(IndexError):
+        stage(good[1:])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from factory.inputs import (
     InputError,
+    MediaPaths,
     count_rows,
     input_files,
     normalize,
@@ -25,6 +26,9 @@ from factory.inputs import (
 )
 from factory.job import InputConfig
 from factory.prompts import chitchat_chats, write_chitchat_prompts
+from factory.targets import ImageTooLarge, open_image
+
+from poison_rows import bomb_chat, bomb_png, deeply_nested_line
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -79,6 +83,16 @@ def test_unparseable_lines_are_rows_with_an_error_and_blank_lines_are_not_rows(t
     assert "must be a JSON object" in rows[2].error
     assert rows[3].data == chat("last", "one")
     assert count_rows(InputConfig(paths=(path,))) == 4
+
+
+def test_a_line_nested_deeper_than_the_parser_recurses_is_a_row_with_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [chat("ok", "fine"), deeply_nested_line(), "1" * 5000,
+                                              chat("last", "one")])
+    rows = list(read_rows(InputConfig(paths=(path,))))
+    assert [r.row for r in rows] == [0, 1, 2, 3]
+    assert rows[1].data is None and "nested too deeply to parse" in rows[1].error
+    assert rows[2].data is None and "not valid JSON" in rows[2].error  # an integer of 5000 digits
+    assert rows[3].data == chat("last", "one")
 
 
 def test_missing_paths_and_unknown_file_types_fail_before_any_row_is_read(tmp_path):
@@ -163,6 +177,98 @@ def test_undecodable_media_is_an_error_naming_the_part():
                                                                                      "format": "wav"}}]}]
     with pytest.raises(InputError, match="not a readable base64 WAV"):
         to_renderer_messages(bad_audio)
+
+
+def test_an_image_declaring_more_pixels_than_the_limit_is_refused_before_it_is_decoded(tmp_path):
+    messages = normalize(bomb_chat(), InputConfig(paths=(Path("."),)))
+    with pytest.raises(InputError, match=r"field messages\[0\]\.content\[1\]\.image_url\.url: the image declares "
+                                         r"more pixels than this factory decodes \(.*3600000000 pixels"):
+        to_renderer_messages(messages)
+    # The same bomb as a file, as the renderer opens it; and one PIL would only warn about (10^8 pixels).
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png())
+    with pytest.raises(ImageTooLarge, match="3600000000 pixels"):
+        open_image(path)
+    path.write_bytes(bomb_png(10000, 10000))
+    with pytest.raises(ImageTooLarge, match=r"the image declares 10000 x 10000 pixels, more than the \d+ this "
+                                            r"factory decodes"):
+        open_image(path)
+
+
+def test_a_wav_cut_inside_a_sample_is_an_error_naming_the_part():
+    data = base64.b64decode(wav_base64())[:-3]  # the header still declares every frame
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+    with pytest.raises(InputError, match=r"content\[0\]\.input_audio\.data: the WAV holds \d+ bytes of samples"):
+        to_renderer_messages([{"role": "user", "content": [part]}])
+
+
+def image_row(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+                         {"role": "assistant", "content": "A cat."}]}
+
+
+def media_reason(url: str, media: MediaPaths) -> str | None:
+    """Why a row naming `url` is refused at read and at render (the same reason), or None."""
+    config = InputConfig(paths=(Path("."),))
+    try:
+        messages = normalize(image_row(url), config, media)
+    except InputError as e:
+        with pytest.raises(InputError) as again:
+            to_renderer_messages(image_row(url)["messages"], media)
+        assert str(again.value) == str(e)
+        return str(e)
+    to_renderer_messages(messages, media)
+    return None
+
+
+@pytest.fixture()
+def media_tree(tmp_path, monkeypatch) -> dict[str, Path]:
+    """A data root and an input root, a file outside both, a symlink from inside to it, and a home
+    directory (HOME) holding a file."""
+    tree = {name: tmp_path / name for name in ("data", "models", "elsewhere", "home")}
+    for d in tree.values():
+        d.mkdir()
+    for d in ("data", "models", "elsewhere", "home"):
+        Image.new("RGB", (4, 4), (0, 0, 255)).save(tree[d] / "cat.png")
+    (tree["data"] / "link.png").symlink_to(tree["elsewhere"] / "cat.png")
+    monkeypatch.setenv("HOME", str(tree["home"]))
+    return tree
+
+
+def service_media(tree: dict[str, Path]) -> MediaPaths:
+    return MediaPaths.confined((tree["data"], tree["models"]), base=tree["data"])
+
+
+def test_through_the_service_a_media_file_inside_a_root_is_read(media_tree):
+    media = service_media(media_tree)
+    for url in (str(media_tree["data"] / "cat.png"), str(media_tree["models"] / "cat.png"), "cat.png"):
+        assert media_reason(url, media) is None, url
+    [part] = to_renderer_messages(image_row("cat.png")["messages"], media)[0]["content"]
+    assert part == {"type": "image", "image": (media_tree["data"] / "cat.png").resolve()}
+
+
+@pytest.mark.parametrize("where", ["outside", "symlink out", "home", "dot-dot"])
+def test_through_the_service_a_media_path_leading_out_of_the_roots_is_refused_as_if_missing(media_tree, where):
+    url = {"outside": str(media_tree["elsewhere"] / "cat.png"), "symlink out": str(media_tree["data"] / "link.png"),
+           "home": "~/cat.png",  # exists once ~ is expanded; through the service it never is
+           "dot-dot": "../elsewhere/cat.png"}[where]
+    missing = str(media_tree["data"] / "no-such.png")
+    media = service_media(media_tree)
+    refused, absent = media_reason(url, media), media_reason(missing, media)
+    assert refused == (f"field messages[0].content[0].image_url.url: image file {url} is not readable by this job "
+                       f"(missing, or outside the service's data and input roots)")
+    assert refused.replace(url, "X") == absent.replace(missing, "X")  # nothing tells the two apart
+
+
+def test_factory_run_reads_media_files_as_the_users_own_anywhere_and_expands_home(media_tree):
+    media = MediaPaths()  # what `factory run` reads with
+    for url in (str(media_tree["elsewhere"] / "cat.png"), str(media_tree["data"] / "link.png"), "~/cat.png"):
+        assert media_reason(url, media) is None, url
+    [part] = to_renderer_messages(image_row("~/cat.png")["messages"], media)[0]["content"]
+    assert part == {"type": "image", "image": media_tree["home"] / "cat.png"}
+    missing = str(media_tree["elsewhere"] / "no-such.png")
+    assert media_reason(missing, media) == f"field messages[0].content[0].image_url.url: image file {missing} does " \
+                                           f"not exist"
 
 
 def test_resampling_answers_where_the_source_answered_and_after_a_final_user_turn():

@@ -23,6 +23,7 @@ from shared.manifest import load_manifest
 from shared.shards import Dataset
 
 from dataset_contents import read_back
+from poison_rows import bomb_chat, bomb_png, deeply_nested_line, lone_surrogate_line
 
 N_CHATS = 40
 
@@ -241,6 +242,59 @@ def test_a_finished_job_whose_inputs_grew_takes_the_new_rows(tmp_path, smollm_di
     run_job(write_job(tmp_path / "straight.toml", smollm_dir, inputs, straight,
                       sampling={"keep_original_answers": True}))
     assert grown == contents(straight)
+
+
+def test_rows_that_once_stopped_every_run_of_a_job_are_quarantined_with_their_reason(tmp_path, smollm_dir):
+    """A line nested 5,000 deep (RecursionError in the reader), an image that declares 60,000 x
+    60,000 pixels (PIL's DecompressionBombError in the resample stage) and a lone surrogate (the
+    tokenizer's TypeError) each stopped the whole job, on the same row at every restart."""
+    chats = [json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                      {"role": "assistant", "content": f"{i}."}]}) for i in range(4)]
+    lines = [chats[0], deeply_nested_line(), chats[1], json.dumps(bomb_chat()), chats[2], lone_surrogate_line(),
+             chats[3]]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    report = run_job(write_job(tmp_path / "job.toml", smollm_dir, tmp_path / "in", out,
+                               sampling={"keep_original_answers": True})).stdout
+    assert '"quarantined": 3' in report
+    _, samples, quarantine = read_back(out)
+    assert sorted(s["source_index"] for s in samples) == [0, 2, 4, 6]
+    records = {(Path(q["file"]).name, q["row"]): (q["stage"], q["reason"]) for q in quarantine}
+    assert set(records) == {("p.jsonl", 1), ("p.jsonl", 3), ("p.jsonl", 5)}
+    assert records["p.jsonl", 1] == ("read", "not usable JSON: nested too deeply to parse (arrays or objects "
+                                             "inside each other)")
+    stage, reason = records["p.jsonl", 3]
+    assert stage == "render" and reason.startswith("field messages[0].content[1].image_url.url: the image declares "
+                                                   "more pixels than this factory decodes (Image size (3600000000")
+    stage, reason = records["p.jsonl", 5]
+    assert stage == "render" and reason.startswith("the render stage raised TypeError: ")
+
+
+def test_factory_run_reads_image_files_as_the_users_own_wherever_they_are(tmp_path, smollm_dir):
+    """No service roots confine `factory run`: an image file in a directory of its own is read
+    and captured. The same file made a decompression bomb is refused where the renderer opens it."""
+    from PIL import Image
+
+    from factory.tiny_models import build_tiny_qwen2_vl
+
+    vlm = build_tiny_qwen2_vl(tmp_path / "tiny-vl", tokenizer_dir=smollm_dir)
+    pictures = tmp_path / "my-pictures"
+    pictures.mkdir()
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(pictures / "red.png")
+    (pictures / "bomb.png").write_bytes(bomb_png())
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(pictures / name)}},
+                                                       {"type": "text", "text": "What colour?"}]},
+                          {"role": "assistant", "content": "Red."}]} for name in ("red.png", "bomb.png")]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run_job(write_job(tmp_path / "job.toml", vlm, tmp_path / "in", out, sampling={"keep_original_answers": True}))
+    _, [sample], [record] = read_back(out)
+    assert sample["source_index"] == 0 and [kind for kind, _, _ in sample["modality_spans"]] == ["image"]
+    assert (record["row"], record["stage"]) == (1, "render")
+    assert record["reason"].startswith("field messages[0].content[0].image: the image declares more pixels than this "
+                                       "factory decodes")
 
 
 def test_a_driver_killed_mid_run_resumes_to_the_uninterrupted_data_set(tmp_path, smollm_dir, original_inputs,

@@ -20,8 +20,10 @@ from factory.answers import AnswerRenderer, TokenChat
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.job import SamplingConfig, ServersConfig
 from factory.render import Conversation, RenderConfig, RenderError, Renderer
-from factory.resample import Prompt, ResampleStage, VllmServerActor, server_config
+from factory.resample import Prompt, ResampleError, ResampleStage, VllmServerActor, server_config
 from factory.targets import Frontend, TargetConfig
+
+from poison_rows import lone_surrogate_line
 
 MAX_MODEL_LEN = 1024
 
@@ -188,6 +190,48 @@ async def _call_and_close(s: ResampleStage, batch):
         return await s(batch)
     finally:
         await s.aclose()
+
+
+def test_a_row_the_tokenizer_refuses_is_quarantined_and_the_rest_of_its_batch_is_rendered(frontend):
+    keep = ResampleStage(frontend=frontend, render=RenderConfig(), sampling=SamplingConfig(keep_original_answers=True),
+                         servers=ServersConfig())
+    batch = prompts(3, turns=1)
+    batch[1].messages = json.loads(lone_surrogate_line())["messages"]
+    outcomes = run(keep(batch))
+    assert outcomes[0].row is not None and outcomes[2].row is not None
+    assert outcomes[1].row is None and outcomes[1].stage == "render"
+    assert outcomes[1].reason.startswith("the render stage raised TypeError")
+
+
+def test_a_server_that_stays_down_stops_the_job_instead_of_quarantining_its_rows(frontend):
+    down = stage(frontend, ["http://127.0.0.1:9"], max_attempts=2, backoff_s=0.01)  # nothing listens there
+    down.model_name = "any"
+    with pytest.raises(ResampleError, match="no server answered after 2 attempts"):
+        run(_call_and_close(down, prompts(2, turns=1)))
+
+
+def test_a_server_answering_200_without_a_completion_is_the_servers_failure_not_the_rows(frontend):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        broken = stage(frontend, [f"http://127.0.0.1:{httpd.server_address[1]}"], max_attempts=2, backoff_s=0.01)
+        broken.model_name = "any"
+        with pytest.raises(ResampleError, match="no server answered after 2 attempts; last error: HTTP 200"):
+            run(_call_and_close(broken, prompts(1, turns=1)))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.slow

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from factory.inputs import InputError, normalize, read_rows
 from factory.service.app import create_app
+from factory.service.dispatcher import write_spec
+from factory.service.worker import load_spec
 from factory.service.settings import ApiToken, ServiceSettings, SettingsError, load_settings, tokens_from_env
 
 ALICE, BOB, ROOT = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
@@ -144,6 +147,32 @@ def test_a_path_the_file_system_cannot_name_is_422_not_a_server_error(client, en
     # Found by the schemathesis run: a 300-character file name raised ENAMETOOLONG as a 500.
     errors = bad_fields(submit(client, env, **{field: "x" * 300}))
     assert any(k.startswith(field) and "too long" in m for k, m in errors.items()), errors
+
+
+def test_a_submitted_jobs_worker_reads_row_media_only_inside_the_roots(client, env):
+    """From the HTTP submit through the spec file to the rows the worker reads: media paths in
+    rows are confined like the job's own paths, and a refused one reads as a missing one."""
+    from PIL import Image
+
+    for d in ("data", "elsewhere"):
+        Image.new("RGB", (4, 4)).save(env[d] / "cat.png")
+    urls = ["cat.png", str(env["elsewhere"] / "cat.png"), str(env["data"] / "no-such.png")]
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+                          {"role": "assistant", "content": "A cat."}]} for url in urls]
+    (env["data"] / "media.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job_id = submit(client, env, prompts="media.jsonl").json()["id"]
+    spec = write_spec(client.app.state.settings, client.app.state.store.get(job_id))
+
+    job, media = load_spec(spec)
+    reasons = []
+    for row in read_rows(job.input):
+        try:
+            normalize(row.data, job.input, media)
+            reasons.append(None)
+        except InputError as e:
+            reasons.append(str(e).replace(urls[row.row], "URL"))
+    assert reasons == [None, "field messages[0].content[0].image_url.url: image file URL is not readable by this job "
+                             "(missing, or outside the service's data and input roots)", reasons[1]]
 
 
 def test_relative_paths_resolve_inside_the_data_root(client, env):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from shared.shards import Dataset, Sample, ShardError, ShardWriter, verify
+from shared.shards import Dataset, Sample, SampleError, ShardError, ShardWriter, verify
 from shared.synth import SynthConfig, synthetic_samples, write_synthetic
 
 SMALL = SynthConfig(samples=24, hidden_size=64, mean_tokens=48, max_tokens=200, vocab=1000,
@@ -103,6 +103,20 @@ def test_wrong_dtype_and_out_of_vocab_ids_are_rejected(tmp_path):
     s.input_ids[0] = SMALL.vocab
     with pytest.raises(ValueError, match="input_ids holds ids outside"):
         w.add(s)
+
+
+def test_a_refused_sample_leaves_the_open_shard_as_it_was(tmp_path):
+    """The factory quarantines a sample the writer refuses and goes on writing the same shard."""
+    first, bad, last = (s for _, s in zip(range(3), synthetic_samples(SMALL)))
+    bad.loss_mask = bad.loss_mask.clone()
+    bad.loss_mask[0] = 2
+    with ShardWriter(tmp_path, SMALL.header()) as w:
+        w.add(first)
+        with pytest.raises(SampleError, match="loss_mask must hold only 0 and 1"):
+            w.add(bad)
+        w.add(last)
+    assert verify(tmp_path).ok
+    assert [Dataset(tmp_path)[i]["sample_id"] for i in range(2)] == [first.sample_id, last.sample_id]
 
 
 def test_reopening_with_other_settings_is_refused(tmp_path):
