@@ -417,3 +417,18 @@ def test_thinking_mode_is_refused_for_a_template_without_one(tmp_path, smollm_di
     done = subprocess.run(specmill("factory", "run", str(job)), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "has no thinking switch (enable_thinking)" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_whose_vllm_server_cannot_start_fails_naming_the_cause(default_model_dir, tmp_path):
+    """No endless wait: the server exits at once (a flag vLLM does not know), and `factory run`
+    stops with exit 1 and vLLM's own complaint, not a hang or a traceback."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    job = tmp_path / "job.toml"
+    job.write_text('[servers]\nvllm_args = ["--no-such-vllm-flag"]\n')
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "factory", "run", str(job), "--model",
+                           str(default_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                           "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "the job's vLLM server could not start" in proc.stderr
+    assert "--no-such-vllm-flag" in proc.stderr  # vLLM's own words, from its log
