@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -442,10 +443,22 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _phase(name: str, timings: dict[str, float]) -> Iterator[None]:
+def _phase(name: str, timings: dict[str, float], note_every_s: float = 10.0) -> Iterator[None]:
+    """Log the phase's start and end, and a line every `note_every_s` while it runs (a phase
+    can take minutes on a small or busy machine: the user sees it is under way)."""
     log.info("%s ...", name)
     start = time.perf_counter()
-    yield
+    finished = threading.Event()
+
+    def note() -> None:
+        while not finished.wait(note_every_s):
+            log.info("%s: %.0f s so far", name, time.perf_counter() - start)
+
+    threading.Thread(target=note, name=f"phase-{name}", daemon=True).start()
+    try:
+        yield
+    finally:
+        finished.set()
     timings[name] = round(time.perf_counter() - start, 1)
     log.info("%s: done in %.1f s", name, timings[name])
 
