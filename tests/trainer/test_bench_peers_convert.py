@@ -82,8 +82,8 @@ def test_specforge_sample_reads_back_with_the_targets_final_norm(synth_data, tin
     for i, f in enumerate(files):
         s, raw = ds[i], torch.load(f, weights_only=True, mmap=True)
         t, h = s["input_ids"].shape[0], ds.manifest.header.hidden_size
-        assert torch.equal(raw["input_ids"], s["input_ids"].long()[None])
-        assert torch.equal(raw["loss_mask"], s["loss_mask"].long()[None])
+        assert torch.equal(raw["input_ids"], s["input_ids"].long())
+        assert torch.equal(raw["loss_mask"], s["loss_mask"].long())
         assert raw["aux_hidden_state"].shape == (1, t, 3 * h)
         assert torch.equal(raw["aux_hidden_state"][0].view(t, 3, h), s["aux_hidden_states"])
         with torch.no_grad():  # SpecForge stores the state after the final norm: HF's own, bit for bit

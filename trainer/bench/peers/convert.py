@@ -13,7 +13,7 @@ speculators (vllm-project), one directory:
     token_freq.pt                       {target id: count} of loss-masked tokens, from the manifest
 
 SpecForge (sgl-project), one directory of `torch.save` files, data_{i:08d}.ckpt:
-    input_ids [1, T] int64, loss_mask [1, T] int64,
+    input_ids [T] int64, loss_mask [T] int64 (its loader adds the batch dimension),
     hidden_state [1, T, H]       the last hidden state *after* the target's final norm
     aux_hidden_state [1, T, 3H]  the three aux layers side by side
 
@@ -184,8 +184,8 @@ def to_specforge(data: str | os.PathLike, out: Path, *, target: Path, alignment:
         if norm is not None:  # the target's final RMSNorm, as HF computes it (fp32, then x weight in bf16)
             last = rms_norm(last, norm.to(last.dtype), arch.rms_norm_eps)
         aux = s["aux_hidden_states"]  # [T, 3, H] -> [T, 3H]: layer j at columns j*H..(j+1)*H
-        torch.save({"input_ids": s["input_ids"].to(torch.int64)[None],
-                    "loss_mask": peer_loss_mask(s["loss_mask"], "specforge", alignment)[None],
+        torch.save({"input_ids": s["input_ids"].to(torch.int64),
+                    "loss_mask": peer_loss_mask(s["loss_mask"], "specforge", alignment),
                     "hidden_state": last.contiguous()[None],
                     "aux_hidden_state": aux.reshape(aux.shape[0], -1).contiguous()[None]},
                    tmp / f"data_{i:08d}{SPECFORGE_SUFFIX}")
