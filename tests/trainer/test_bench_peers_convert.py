@@ -90,6 +90,15 @@ def test_specforge_sample_reads_back_with_the_targets_final_norm(synth_data, tin
             assert torch.equal(raw["hidden_state"][0], norm(s["last_hidden_state"]))
 
 
+def test_specforge_float32_copy_is_an_exact_widening(synth_data, tiny_target, tmp_path):
+    to_specforge(synth_data, tmp_path / "bf16", target=tiny_target)
+    to_specforge(synth_data, tmp_path / "fp32", target=tiny_target, dtype=torch.float32)
+    narrow = torch.load(next((tmp_path / "bf16").glob("*.ckpt")), weights_only=True)
+    wide = torch.load(next((tmp_path / "fp32").glob("*.ckpt")), weights_only=True)
+    for key in ("hidden_state", "aux_hidden_state"):
+        assert wide[key].dtype == torch.float32 and torch.equal(wide[key], narrow[key].float())
+
+
 def test_target_view_adds_a_weight_map_and_leaves_the_target_alone(tiny_target, tmp_path):
     before = sorted(p.name for p in tiny_target.iterdir())
     view = target_view(tiny_target, tmp_path / "view")

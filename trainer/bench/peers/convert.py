@@ -163,9 +163,11 @@ def _fingerprint(path: Path) -> str:
 
 
 def to_specforge(data: str | os.PathLike, out: Path, *, target: Path, alignment: str = "native",
-                 indices: Iterable[int] | None = None) -> dict:
+                 indices: Iterable[int] | None = None, dtype: torch.dtype | None = None) -> dict:
     """Write the SpecForge offline directory `out` (replaced atomically via out.tmp). `target`
-    supplies the final norm applied to a pre-norm last state (SpecForge stores it normed)."""
+    supplies the final norm applied to a pre-norm last state (SpecForge stores it normed).
+    `dtype`: store the hidden states in this dtype (say float32, an exact widening of bf16:
+    SpecForge feeds them to the draft as they are, so they must match `model.torch_dtype`)."""
     from trainer.target import TargetArch, load_target_weights, rms_norm
 
     ds = Dataset(data)
@@ -184,6 +186,8 @@ def to_specforge(data: str | os.PathLike, out: Path, *, target: Path, alignment:
         if norm is not None:  # the target's final RMSNorm, as HF computes it (fp32, then x weight in bf16)
             last = rms_norm(last, norm.to(last.dtype), arch.rms_norm_eps)
         aux = s["aux_hidden_states"]  # [T, 3, H] -> [T, 3H]: layer j at columns j*H..(j+1)*H
+        if dtype is not None:
+            last, aux = last.to(dtype), aux.to(dtype)
         torch.save({"input_ids": s["input_ids"].to(torch.int64),
                     "loss_mask": peer_loss_mask(s["loss_mask"], "specforge", alignment),
                     "hidden_state": last.contiguous()[None],
