@@ -46,6 +46,9 @@ PEERS = ("specmill", "speculators", "specforge")
 RECIPES = ("defaults", "matched")
 DEFAULT_DRAFT_VOCAB = 32000
 SHIMS = Path(__file__).parent / "shims"
+# SpecForge checkpoints every this many steps (batch 1 = one sample a step), so a run stopped at
+# --peer-limit still leaves a draft; a step takes seconds to minutes on 2 CPU cores.
+SPECFORGE_SAVE_INTERVAL = 5
 
 
 @dataclass(kw_only=True, slots=True)
@@ -301,8 +304,7 @@ def train_specforge(recipe: str, config: PeersConfig, python: Path, model: Path,
         "data": {"hidden_states_path": str(peer_data), "cache_dir": str(run / "cache"),
                  "dataloader_num_workers": 0},
         "training": {"num_epochs": config.epochs, "log_interval": 10,
-                     # periodic checkpoints, so a run stopped at --peer-limit still leaves a draft
-                     "save_interval": 20,
+                     "save_interval": SPECFORGE_SAVE_INTERVAL,
                      # CPU needs (not maths): sdpa instead of flex attention, DDP instead of sharding
                      "attention_backend": "sdpa", "fsdp_sharding": "NO_SHARD"},
         "output_dir": str(run / "out"),
