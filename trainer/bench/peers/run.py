@@ -451,7 +451,7 @@ def format_table(r: dict) -> str:
              f"  data: {d['samples']} samples, {d['tokens']} tokens ({d['loss_tokens']} trained, "
              f"{d['distinct_loss_ids']} distinct ids); {r['config']['epochs']} epochs for every trainer; "
              f"eval: {r['config']['eval_prompts']} evals prompts, k={r['config']['k']}", "",
-             f"  {'draft':<22} {'accept len':>10} {'tok/fwd':>8} {'per position':>18} {'tok/s':>7} {'speedup':>8} "
+             f"  {'draft':<32} {'accept len':>10} {'tok/fwd':>8} {'per position':>18} {'tok/s':>7} {'speedup':>8} "
              f"{'train s':>8}"]
 
     def row(name, m, train_s=None):
@@ -459,7 +459,7 @@ def format_table(r: dict) -> str:
         tpf = "-" if m["tokens_per_forward"] is None else f"{m['tokens_per_forward']:.3f}"
         pos = " ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
         ts = "" if train_s is None else f"{train_s:.0f}"
-        return (f"  {name:<22} {al:>10} {tpf:>8} {pos:>18} {m['output_tokens_per_s']:>7.1f} {m['speedup']:>7.2f}x "
+        return (f"  {name:<32} {al:>10} {tpf:>8} {pos:>18} {m['output_tokens_per_s']:>7.1f} {m['speedup']:>7.2f}x "
                 f"{ts:>8}")
 
     for way, m in (r["baselines"] or {}).items():
@@ -469,9 +469,9 @@ def format_table(r: dict) -> str:
             stopped = x["settings"].get("stopped")
             lines.append(row(x["name"] + (" (stopped)" if stopped else ""), x["eagle3"], x["train_seconds"]))
             if stopped:
-                lines.append(f"  {'':<22} {stopped}")
+                lines.append(f"  {'':<32} {stopped}")
         else:
-            lines.append(f"  {x['name']:<22} did not run: {(x['error'] or '?').splitlines()[0][:200]}")
+            lines.append(f"  {x['name']:<32} did not run: {(x['error'] or '?').splitlines()[0][:200]}")
     return "\n".join(lines)
 
 
