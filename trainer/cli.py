@@ -99,6 +99,17 @@ def _register_bench(bench: argparse._SubParsersAction) -> None:
     bench_train.add_arguments(p)
     p.set_defaults(func=bench_train.run_cli)
 
+    from trainer.bench.peers import run as bench_peers
+
+    p = bench.add_parser(
+        "peers",
+        help="acceptance length of drafts trained by specmill, speculators and SpecForge on one data set",
+        description="Make one shard data set with the factory, train drafts with specmill and with the peers' "
+                    "trainers (each peer in a venv of its own, its defaults and a matched budget), measure each "
+                    "with `specmill eval` in vLLM on held-out prompts; writes WORKDIR/peers.json and peers.png.")
+    bench_peers.add_arguments(p)
+    p.set_defaults(func=bench_peers.run_cli)
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config, parse_override
