@@ -174,7 +174,7 @@ class ServersConfig:
 class CaptureSettings:
     """Where and how the target runs for hidden-state capture."""
 
-    dtype: str = "bfloat16"  # the forward pass's dtype
+    dtype: str = "auto"  # the forward pass's dtype; auto: bfloat16 where native (GPU, AMX CPU), else float32
     storage_dtype: str = "bfloat16"  # how hidden states are written
     aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (2, L//2, L-3)
     max_batch_tokens: int = 8192

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shared.hardware import resolve_model_dtype
 from shared.manifest import DTYPES, DatasetHeader, TargetInfo
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("specmill.factory.targets")
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: see shared.hardware.resolve_model_dtype
 AUX_LAYER_CONVENTION = "residual_entering_layer"
 LAST_HIDDEN_STATE = "pre_norm"
 # Files that decide how text (and media) become token ids; their bytes make the tokenizer
@@ -231,7 +232,7 @@ def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
 class TargetConfig:
     model: Path  # a local transformers model directory (config.json, weights, tokenizer)
     name: str | None = None  # recorded in the manifest; None: the directory's name
-    dtype: str = "bfloat16"  # compute dtype of the forward pass
+    dtype: str = "auto"  # compute dtype of the forward pass; auto: bfloat16 where native, else float32
     device: str = "cpu"
     attn_implementation: str = "sdpa"
     family: str | None = None  # force a spec instead of choosing by config.json model_type
@@ -401,9 +402,11 @@ class HFTarget(TargetMetadata):
         self.spec = spec_for(raw.get("model_type", ""), family=config.family)
         self.frontend = Frontend.load(config, self.spec)
         self.name = config.name
-        self.dtype = getattr(torch, config.dtype)
+        dtype = resolve_model_dtype(config.dtype, config.device)
+        self.dtype = getattr(torch, dtype)
         model_class = getattr(transformers, self.spec.model_class)
-        log.info("loading %s (%s, %s) from %s", self.name, self.spec.family, config.dtype, config.model)
+        log.info("loading %s (%s, %s%s) from %s", self.name, self.spec.family, dtype,
+                 " for dtype auto on " + config.device if config.dtype == "auto" else "", config.model)
         self.model = model_class.from_pretrained(config.model, dtype=self.dtype,
                                                  attn_implementation=config.attn_implementation)
         self.model.to(config.device).eval()

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from shared.hardware import resolve_model_dtype
 from shared.manifest import DatasetHeader
 from shared.shards import Sample
 
@@ -207,7 +208,7 @@ class VllmTarget(TargetMetadata):
     def plain_server_config(self) -> VllmServerConfig:
         """The same model and engine flags without capture: what plain prefill costs (for benchmarks)."""
         cc = self.capture_config
-        args = ["--dtype", self.config.dtype, "--max-model-len", str(cc.max_length + 1),  # + the one generated token
+        args = ["--dtype", resolve_model_dtype(self.config.dtype, self.config.device), "--max-model-len", str(cc.max_length + 1),  # + the one generated token
                 "--enable-prefix-caching" if cc.prefix_caching else "--no-enable-prefix-caching"]
         if cc.enforce_eager:
             args.append("--enforce-eager")

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.hardware import bf16_is_native
+
 DEVICES = ("auto", "cpu", "cuda")
 # auto: bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (AMX or AVX512-BF16:
 # ~1.6-2x faster there, see the README's bench train figures), plain fp32 on other CPUs.
@@ -388,9 +390,4 @@ def resolve_precision(precision: str, device_type: str) -> str:
     """"bf16" or "fp32": what `precision` means on this device (see PRECISIONS)."""
     if precision != "auto":
         return precision
-    if device_type == "cuda":
-        return "bf16"
-    import torch
-
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return "bf16" if any(probe is not None and probe() for probe in probes) else "fp32"
+    return "bf16" if bf16_is_native(device_type) else "fp32"

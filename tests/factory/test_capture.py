@@ -16,6 +16,7 @@ from factory.render import Conversation, RenderConfig, Renderer
 from factory.rows import RowFailure
 from factory.targets import HFTarget, TargetConfig, TargetError, spec_for
 from factory.tiny_models import build_tiny_causal_lm
+from shared.hardware import resolve_model_dtype
 from shared.shards import Dataset, Sample, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -237,3 +238,9 @@ def test_when_no_row_goes_through_the_target_the_error_stops_the_job(tiny_llama)
     embed.weight.data = embed.weight.data[:(embed.padding_idx or 0) + 1]  # the other tokens lose their embedding
     with pytest.raises(IndexError):
         stage(good[1:])
+
+
+def test_a_target_loaded_with_auto_computes_in_the_dtype_this_machine_does_natively(smollm_dir):
+    target = HFTarget(TargetConfig(model=smollm_dir))
+    assert str(target.dtype) == f"torch.{resolve_model_dtype('auto', 'cpu')}"
+    assert next(target.model.parameters()).dtype == target.dtype

@@ -24,6 +24,7 @@ from shared.shards import Dataset
 
 from dataset_contents import read_back
 from poison_rows import bomb_chat, bomb_png, deeply_nested_line, lone_surrogate_line
+from processes import kill_session, run_group
 
 N_CHATS = 40
 
@@ -120,8 +121,7 @@ def specmill(*args: str) -> list[str]:
 
 
 def run_job(job: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(specmill("factory", "run", str(job), "--no-progress", *extra), capture_output=True,
-                          text=True, timeout=timeout, start_new_session=True)
+    done = run_group(specmill("factory", "run", str(job), "--no-progress", *extra), timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -139,22 +139,7 @@ def kill_when(job: Path, out: Path, ready, *, timeout: float = 240) -> None:
             time.sleep(0.05)
         assert proc.poll() is None, "the job ended before it could be killed"
     finally:
-        _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    # Ray's workers run in process groups of their own, but in the driver's session.
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                p.kill()
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            pass
+        kill_session(proc)
 
 
 def contents(out: Path) -> dict:
@@ -320,7 +305,7 @@ def test_a_killed_capture_worker_is_restarted_and_the_job_completes_exactly_once
         killed = _kill_worker_when(proc, out, "_CaptureActor", lambda m: len(m.shards) >= 1)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
-        _kill_group(proc)
+        kill_session(proc)
     assert killed and proc.returncode == 0, stderr[-3000:]
     assert "capture actor restarted after its worker died" in stderr
     assert contents(out) == reference["contents"]
@@ -361,11 +346,11 @@ def resampled(tmp_path_factory, smollm_dir, vllm_url) -> dict:
     work = tmp_path_factory.mktemp("resampled")
     inputs = write_chitchat_prompts(work / "prompts.jsonl", 16)
     started = time.monotonic()
-    done = subprocess.run(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(inputs),
+    done = run_group(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(inputs),
                                    "--out", str(work / "out"), "--max-samples", "16", "--max-tokens", "24",
                                    "--temperatures", "0", "--server-url", vllm_url, "--num-cpus", "2",
                                    "--no-progress"),
-                          capture_output=True, text=True, timeout=300, start_new_session=True)
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": work / "out", "inputs": inputs, "seconds": time.monotonic() - started,
             "report": json.loads(done.stdout[:done.stdout.rindex("}") + 1])}
@@ -414,7 +399,7 @@ def test_a_killed_resampling_job_resumes_with_each_sample_exactly_once(tmp_path,
 
 def test_thinking_mode_is_refused_for_a_template_without_one(tmp_path, smollm_dir, original_inputs):
     job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, tmp_path / "out", sampling={"thinking": True})
-    done = subprocess.run(specmill("factory", "run", str(job)), capture_output=True, text=True, timeout=120)
+    done = run_group(specmill("factory", "run", str(job)), timeout=120)
     assert done.returncode == 2 and "has no thinking switch (enable_thinking)" in done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -426,9 +411,9 @@ def test_a_job_whose_vllm_server_cannot_start_fails_naming_the_cause(default_mod
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     job = tmp_path / "job.toml"
     job.write_text('[servers]\nvllm_args = ["--no-such-vllm-flag"]\n')
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "factory", "run", str(job), "--model",
+    proc = run_group([sys.executable, "-m", "shared.cli", "factory", "run", str(job), "--model",
                            str(default_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
-                           "--no-progress"], capture_output=True, text=True, timeout=900)
+                           "--no-progress"], timeout=900)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "the job's vLLM server could not start" in proc.stderr
     assert "--no-such-vllm-flag" in proc.stderr  # vLLM's own words, from its log
