@@ -1,7 +1,7 @@
 """`specmill`: the one command. Each package adds its own subcommands through a
-`register(subparsers)` function in its `cli` module, and its benchmarks to `specmill bench`
-through the same function in its `bench/cli` module; this module only wires them and owns
-the `shards` group."""
+`register(subparsers)` function in its `cli` module, and lists its benchmarks for
+`specmill bench` in its `bench/cli` module; this module only wires them and owns the
+`shards` group."""
 
 from __future__ import annotations
 
@@ -17,8 +17,18 @@ log = logging.getLogger("specmill")
 
 # Packages whose `cli.register` adds subcommands, in help order.
 _COMMAND_MODULES = ("factory.cli", "trainer.cli", "shared.cli")
-# Packages whose `bench.cli.register` adds `specmill bench` subcommands, in help order.
+# Modules whose `COMMANDS` are the `specmill bench` subcommands, in help order.
 _BENCH_MODULES = ("factory.bench.cli", "trainer.bench.cli")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchCommand:
+    """One `specmill bench` subcommand: `module` has `add_arguments(parser)` and `run_cli(args)`."""
+
+    name: str
+    module: str
+    help: str
+    description: str
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure throughput against what this machine can do")
     bench_sub = bench.add_subparsers(title="bench commands", metavar="COMMAND", required=True)
     for name in _BENCH_MODULES:
-        importlib.import_module(name).register(bench_sub)
+        for command in importlib.import_module(name).COMMANDS:
+            module = importlib.import_module(command.module)
+            p = bench_sub.add_parser(command.name, help=command.help, description=command.description)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run_cli)
     return parser
 
 

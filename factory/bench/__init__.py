@@ -4,5 +4,5 @@ conversations.py  made-up chats the capture and factory benchmarks share (no dow
 capture.py        hidden-state capture against a plain forward pass (transformers, vLLM)
 service.py        the job service's latency against /healthz
 factory.py        the resampler against a plain load generator, and each stage of a job
-cli.py            `register(bench)`: their `specmill bench` subcommands
+cli.py            `COMMANDS`: their `specmill bench` subcommands
 """

@@ -4,7 +4,7 @@
 train.py    the training loop against its pure compute on the same batches
 quality.py  the draft's acceptance length against n-gram on held-out prompts, end to end
 peers/      specmill's drafts next to those of its peers' trainers, trained on the same shards
-cli.py      `register(bench)`: their `specmill bench` subcommands
+cli.py      `COMMANDS`: their `specmill bench` subcommands
 
 quality and peers run the whole system, the factory included, but only through the
 `specmill` command, one subprocess per step; in-process they import `shared` and `trainer`,
