@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import bench_subparsers
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="prepare target models")
@@ -32,48 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from factory.service.cli import register_service
 
     register_service(sub)  # serve, submit
-    register_bench(bench_subparsers(sub))
-
-
-def register_bench(bench: argparse._SubParsersAction) -> None:
-    """Add the factory's benchmarks to the `specmill bench` subcommands."""
-    from factory import bench_capture
-
-    p = bench.add_parser(
-        "capture",
-        help="hidden-state capture tokens/s vs a plain forward pass of the same model (goal >= 0.9)",
-        description="Capture tokens/s of the transformers backend against a plain forward pass of the same "
-                    "model on the same batches and against one sequence per forward, and of the vLLM backend "
-                    "against plain prefill on a server without capture, all in one run on made-up conversations.",
-    )
-    bench_capture.add_arguments(p)
-    p.set_defaults(func=bench_capture.run_cli)
-
-    from factory import bench_service
-
-    p = bench.add_parser(
-        "service",
-        help="job service latency: concurrent submits + status polling, p50/p99, vs /healthz in the same run",
-        description="Start the job service (uvicorn on loopback, real SQLite) with dispatch paused, submit N jobs "
-                    "concurrently while polling their status, and report p50/p99 latency and errors next to "
-                    "/healthz (no database) measured at the same concurrency in the same run.",
-    )
-    bench_service.add_arguments(p)
-    p.set_defaults(func=bench_service.run_cli)
-
-    from factory import bench_factory
-
-    p = bench.add_parser(
-        "factory",
-        help="the resampler's generated tokens/s vs a plain load generator on the same vLLM server (goal >= 0.95), "
-             "and each stage's throughput",
-        description="Drive one vLLM server with the factory's resampler and with a plain saturating load generator "
-                    "(same prompts, sampling settings and max tokens) in one run and compare generated tokens/s; "
-                    "then time each stage of a factory job alone (read, resample, render, capture, write) and run an "
-                    "end-to-end job on a local Ray against the same server.",
-    )
-    bench_factory.add_arguments(p)
-    p.set_defaults(func=bench_factory.run_cli)
 
 
 def _cmd_prepare_default(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`specmill`: the one command. Each package adds its own subcommands through a
-`register(subparsers)` function in its `cli` module; this module only wires them and
-owns the `shards` group."""
+`register(subparsers)` function in its `cli` module, and lists its benchmarks for
+`specmill bench` in its `bench/cli` module; this module only wires them and owns the
+`shards` group."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ log = logging.getLogger("specmill")
 
 # Packages whose `cli.register` adds subcommands, in help order.
 _COMMAND_MODULES = ("factory.cli", "trainer.cli", "shared.cli")
+# Modules whose `COMMANDS` are the `specmill bench` subcommands, in help order.
+_BENCH_MODULES = ("factory.bench.cli", "trainer.bench.cli")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchCommand:
+    """One `specmill bench` subcommand: `module` has `add_arguments(parser)` and `run_cli(args)`."""
+
+    name: str
+    module: str
+    help: str
+    description: str
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,17 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    bench = sub.add_parser("bench", help="measure throughput against what this machine can do")
+    bench_sub = bench.add_subparsers(title="bench commands", metavar="COMMAND", required=True)
+    for name in _BENCH_MODULES:
+        for command in importlib.import_module(name).COMMANDS:
+            module = importlib.import_module(command.module)
+            p = bench_sub.add_parser(command.name, help=command.help, description=command.description)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run_cli)
     return parser
-
-
-def bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The subcommands of `specmill bench`, creating the group on first use, so every package
-    (factory: `bench capture`; trainer: `bench train`) adds to one group, in any order."""
-    group = sub.choices.get("bench")
-    if group is None:
-        group = sub.add_parser("bench", help="measure throughput against what this machine can do")
-        group.add_subparsers(title="bench commands", metavar="COMMAND", required=True)
-    return next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,17 +104,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the smallest honest run of every step (24 conversations, 16 steps, 4 prompts: minutes)")
     p.set_defaults(func=_cmd_demo)
 
-    from shared import quality
-
-    p = bench_subparsers(sub).add_parser(
-        "quality", help="the draft's acceptance length vs n-gram on held-out prompts, trained on N conversations",
-        description="Resample N real conversations with the default target, train an EAGLE-3 draft, and "
-                    "serve it in vLLM next to no speculation and the n-gram proposer on held-out prompts; "
-                    "prints the figures next to the goals (acceptance length >= 2.0, tokens per target "
-                    "forward >= 1.3x n-gram) and writes WORKDIR/quality.json. Exits 1 when a goal is not met.")
-    quality.add_arguments(p)
-    p.set_defaults(func=quality.run_cli)
-
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import DemoConfig, run_demo
@@ -114,10 +114,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    from shared import bench
+    from shared.bench import shards
 
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run_cli)
+    shards.add_arguments(p)
+    p.set_defaults(func=shards.run_cli)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

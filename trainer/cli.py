@@ -10,8 +10,6 @@ import argparse
 import os
 from pathlib import Path
 
-from shared.cli import bench_subparsers
-
 # flag -> (config field, type, help)
 _TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data.path", str, "shard data set directory, or a URI such as s3://bucket/data"),
@@ -83,32 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm",
                    help="vllm: the vLLM server; torch: specmill's own PyTorch speculative loop (batch 1)")
     p.set_defaults(func=_cmd_eval)
-
-    _register_bench(bench_subparsers(sub))
-
-
-def _register_bench(bench: argparse._SubParsersAction) -> None:
-    from trainer import bench_train
-
-    p = bench.add_parser(
-        "train",
-        help="training loop tokens/s and data-wait fraction vs the draft's pure compute on the same batches "
-             "(goal >= 0.9)",
-        description="Run the real training loop and, on the same batches held in memory, train_step alone; "
-                    "report tokens/s of both, their ratio, the data-wait fraction and where a step's time goes.")
-    bench_train.add_arguments(p)
-    p.set_defaults(func=bench_train.run_cli)
-
-    from trainer.bench.peers import run as bench_peers
-
-    p = bench.add_parser(
-        "peers",
-        help="acceptance length of drafts trained by specmill, speculators and SpecForge on one data set",
-        description="Make one shard data set with the factory, train drafts with specmill and with the peers' "
-                    "trainers (each peer in a venv of its own, its defaults and a matched budget), measure each "
-                    "with `specmill eval` in vLLM on held-out prompts; writes WORKDIR/peers.json and peers.png.")
-    bench_peers.add_arguments(p)
-    p.set_defaults(func=bench_peers.run_cli)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -202,7 +202,7 @@ def train_step(model: Eagle3Draft, head: TargetHead, batches: list[Batch], optim
     lr = scheduler.get_last_lr()[0]
     outs = []
     for batch in batches:
-        with _autocast(batch.input_ids.device, config.precision):
+        with autocast(batch.input_ids.device, config.precision):
             out = ttt_loss(model, head, batch, config.ttt)
         (out.loss / len(batches)).backward()
         outs.append(out)
@@ -224,7 +224,7 @@ def evaluate(model: Eagle3Draft, head: TargetHead, batches: Iterator[Batch], con
     meter = Meter(config, world)
     for batch in batches:
         batch = batch.to(device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out = ttt_loss(model, head, batch, config)
         meter.add({"out": out}, batch.tokens)
     return meter.summary(train=False)
@@ -398,7 +398,7 @@ def huge_page_tensors() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     """bf16 matmuls with fp32 master weights, or plain fp32 (config.resolve_precision). Either
     is deterministic on CPU, so resumption stays exact."""
     if resolve_precision(precision, device.type) == "bf16":

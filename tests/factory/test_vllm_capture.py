@@ -11,7 +11,8 @@ import httpx
 import pytest
 import torch
 
-from factory.bench_capture import bench_conversations, render_rows
+from factory.bench.capture import render_rows
+from factory.bench.conversations import bench_conversations
 from factory.capture import CaptureConfig, CaptureStage
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import RenderedRow

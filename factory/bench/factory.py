@@ -48,33 +48,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.bench.conversations import QUESTIONS, SYSTEM, TOPICS, made_up_answer
+
 log = logging.getLogger("specmill.factory.bench_factory")
 
 GOAL = 0.95
 MODES = ("resampler", "plain", "plain_2x")
 STAGES = ("read", "resample", "render", "capture", "write")
 
-# Every (system?, topic, question) combination is a distinct prompt, so no two samples share an
-# id (the pipeline would quarantine the second as a duplicate).
-_SYSTEM = "You are a patient, precise teacher."
-
 
 def bench_chats(n: int, *, seed: int = 0, skip: int = 0) -> list[list[dict[str, str]]]:
     """`n` distinct single-turn chats in OpenAI messages form, each with a made-up answer (for
     the render stage; resampling replaces it), reproducible from `seed`; `skip` leaves out the
     first ones (warm-up prompts that never repeat a timed one)."""
-    from factory.bench_capture import _TOPICS, _USER, _answer
-
-    combos = list(itertools.product((False, True), _TOPICS, _USER))
+    # Every (system?, topic, question) combination is a distinct prompt, so no two samples share an
+    # id (the pipeline would quarantine the second as a duplicate).
+    combos = list(itertools.product((False, True), TOPICS, QUESTIONS))
     if skip + n > len(combos):
         raise ValueError(f"samples + warmup must be at most {len(combos)} (distinct prompts), got {skip + n}")
     rng = random.Random(seed)
     rng.shuffle(combos)
     chats = []
     for system, topic, question in combos[skip:skip + n]:
-        messages = [{"role": "system", "content": _SYSTEM}] if system else []
-        messages += [{"role": "user", "content": question.format(t=topic)},
-                     {"role": "assistant", "content": _answer(rng, topic, round(2 ** rng.uniform(1.0, 4.0)))}]
+        messages = [{"role": "system", "content": SYSTEM}] if system else []
+        answer = made_up_answer(rng, topic, round(2 ** rng.uniform(1.0, 4.0)))
+        messages += [{"role": "user", "content": question.format(t=topic)}, {"role": "assistant", "content": answer}]
         chats.append(messages)
     return chats
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainer.bench_train import BenchTrainConfig, run_bench
+from trainer.bench.train import BenchTrainConfig, run_bench
 
 
 def test_loop_and_pure_compute_are_measured_on_the_same_batches(tiny_target, synth_data):

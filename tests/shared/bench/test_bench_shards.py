@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared import bench
+from shared.bench import shards as bench
 from shared.cli import main
 
 TINY = ["--samples", "8", "--hidden", "256", "--mean-tokens", "128", "--no-cold", "--warm-passes", "2",

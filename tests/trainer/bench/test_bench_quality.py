@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import quality
+from trainer.bench import quality
 from shared.cli import main
-from shared.quality import QualityConfig, format_report, run_quality, summarize
+from trainer.bench.quality import QualityConfig, format_report, run_quality, summarize
 
 
 def test_prompts_skip_gives_the_prompts_after_a_training_set(tmp_path):

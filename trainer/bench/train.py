@@ -160,7 +160,7 @@ _MEASURE = {"loop": _measure_loop, "compute": _measure_compute}
 def _breakdown(train_config, warmup: int) -> dict[str, float]:
     """Seconds per step in each part of train_step, the mean over the measured batches."""
     from trainer.loss import target_distribution, ttt_loss
-    from trainer.train import _autocast, setup
+    from trainer.train import autocast, setup
 
     run = setup(train_config)
     batches = [next(run.loader)[0].to(run.device) for _ in range(train_config.steps)]
@@ -169,7 +169,7 @@ def _breakdown(train_config, warmup: int) -> dict[str, float]:
     params = [p for p in run.model.parameters() if p.requires_grad]
     for i, batch in enumerate(batches):
         clock = _Clock(run.device)
-        with _autocast(run.device, train_config.precision):
+        with autocast(run.device, train_config.precision):
             target_distribution(run.head, batch.last_hidden_state, run.model)
             head = clock.lap()
             out = ttt_loss(run.model, run.head, batch, train_config.ttt)  # recomputes the head: subtracted

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from factory.bench_factory import (BenchFactoryConfig, _Request, bench_chats, format_report, plain_load,
+from factory.bench.factory import (BenchFactoryConfig, _Request, bench_chats, format_report, plain_load,
                                    summarize)
 from factory.render import conversation_id
 from shared.cli import main

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.bench_capture import BenchCaptureConfig, bench_conversations, format_report, render_rows
+from factory.bench.capture import BenchCaptureConfig, format_report, render_rows
+from factory.bench.conversations import bench_conversations
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.targets import Frontend, TargetConfig
 from shared.cli import main
