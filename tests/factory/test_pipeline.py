@@ -24,7 +24,7 @@ from shared.shards import Dataset
 
 from dataset_contents import read_back
 from poison_rows import bomb_chat, bomb_png, deeply_nested_line, lone_surrogate_line
-from processes import kill_session, run_group
+from processes import kill_tree, run_tree, start_tree
 
 N_CHATS = 40
 
@@ -121,7 +121,7 @@ def specmill(*args: str) -> list[str]:
 
 
 def run_job(job: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    done = run_group(specmill("factory", "run", str(job), "--no-progress", *extra), timeout=timeout)
+    done = run_tree(specmill("factory", "run", str(job), "--no-progress", *extra), timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -129,8 +129,8 @@ def run_job(job: Path, *extra: str, timeout: float = 300) -> subprocess.Complete
 def kill_when(job: Path, out: Path, ready, *, timeout: float = 240) -> None:
     """Start the job as a subprocess and SIGKILL its process group (driver, its local Ray and
     workers) as soon as `ready(manifest)` holds."""
-    proc = subprocess.Popen(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_tree(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -139,7 +139,7 @@ def kill_when(job: Path, out: Path, ready, *, timeout: float = 240) -> None:
             time.sleep(0.05)
         assert proc.poll() is None, "the job ended before it could be killed"
     finally:
-        kill_session(proc)
+        kill_tree(proc)
 
 
 def contents(out: Path) -> dict:
@@ -299,13 +299,13 @@ def test_a_killed_capture_worker_is_restarted_and_the_job_completes_exactly_once
                                                                                   original_inputs, reference):
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, out, sampling={"keep_original_answers": True})
-    proc = subprocess.Popen(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_tree(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
     try:
         killed = _kill_worker_when(proc, out, "_CaptureActor", lambda m: len(m.shards) >= 1)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
-        kill_session(proc)
+        kill_tree(proc)
     assert killed and proc.returncode == 0, stderr[-3000:]
     assert "capture actor restarted after its worker died" in stderr
     assert contents(out) == reference["contents"]
@@ -346,7 +346,7 @@ def resampled(tmp_path_factory, smollm_dir, vllm_url) -> dict:
     work = tmp_path_factory.mktemp("resampled")
     inputs = write_chitchat_prompts(work / "prompts.jsonl", 16)
     started = time.monotonic()
-    done = run_group(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(inputs),
+    done = run_tree(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(inputs),
                                    "--out", str(work / "out"), "--max-samples", "16", "--max-tokens", "24",
                                    "--temperatures", "0", "--server-url", vllm_url, "--num-cpus", "2",
                                    "--no-progress"),
@@ -399,7 +399,7 @@ def test_a_killed_resampling_job_resumes_with_each_sample_exactly_once(tmp_path,
 
 def test_thinking_mode_is_refused_for_a_template_without_one(tmp_path, smollm_dir, original_inputs):
     job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, tmp_path / "out", sampling={"thinking": True})
-    done = run_group(specmill("factory", "run", str(job)), timeout=120)
+    done = run_tree(specmill("factory", "run", str(job)), timeout=120)
     assert done.returncode == 2 and "has no thinking switch (enable_thinking)" in done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -411,7 +411,7 @@ def test_a_job_whose_vllm_server_cannot_start_fails_naming_the_cause(default_mod
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     job = tmp_path / "job.toml"
     job.write_text('[servers]\nvllm_args = ["--no-such-vllm-flag"]\n')
-    proc = run_group([sys.executable, "-m", "shared.cli", "factory", "run", str(job), "--model",
+    proc = run_tree([sys.executable, "-m", "shared.cli", "factory", "run", str(job), "--model",
                            str(default_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
                            "--no-progress"], timeout=900)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from shared.manifest import load_manifest
 from shared.vllm_launch import free_port
 
 from dataset_contents import read_back
+from processes import kill_marked, new_marker, start_tree
 
 TOKEN = "lifecycle-token-0123456789"
 ROWS = 32  # input rows each job covers (max_samples)
@@ -39,14 +40,15 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = root / "serve.log"
+        self.marker = new_marker()  # every start's tree: the services, their Ray cluster, vLLM, drivers
 
     def start(self, *extra: str) -> None:
         env = {**os.environ, "SPECMILL_API_TOKENS": f"tester={TOKEN}"}
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
+            self.proc = start_tree(
                 [sys.executable, "-m", "shared.cli", "serve", "--port", str(self.port), "--data-root", str(self.root),
                  "--input-root", str(self.model_root), "--ray-num-cpus", "2", *extra],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env, marker=self.marker, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -121,6 +123,7 @@ def service(tmp_path_factory, smollm_dir):
     yield svc
     svc.stop()
     LocalRayCluster(root / ".specmill" / "ray").stop()  # a test that failed mid-job may have left it up
+    kill_marked(svc.marker)  # and whatever else it left: it would slow every later test
 
 
 def job_spec(service: Service, smollm_dir: Path, out: str, **kw) -> dict:

@@ -16,6 +16,8 @@ import pytest
 
 from shared.manifest import load_manifest
 
+from processes import run_tree
+
 
 @pytest.mark.slow
 def test_the_quick_demo_runs_end_to_end_in_an_empty_home(tmp_path: Path):
@@ -23,11 +25,12 @@ def test_the_quick_demo_runs_end_to_end_in_an_empty_home(tmp_path: Path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SPECMILL_"))} | {"HOME": str(home)}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "demo", "--quick", "--workdir", str(work)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
+    proc = run_tree([sys.executable, "-m", "shared.cli", "demo", "--quick", "--workdir", str(work)], env=env,
+                    merge_stderr=True, timeout=1800)
     seconds = time.monotonic() - started
     print(f"demo --quick took {seconds:.0f} s")
     assert proc.returncode == 0, proc.stdout[-6000:]
+    assert not proc.leftovers  # its service, Ray cluster and vLLM servers all stopped with it
 
     # The shards verify; the training run held samples out and its figure says so.
     verify = subprocess.run([sys.executable, "-m", "shared.cli", "shards", "verify", str(work / "data")], env=env,
