@@ -100,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=None, help="training conversations (scales the demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps")
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens per resampled answer")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts the evaluation answers")
     p.add_argument("--quick", action="store_true",
                    help="the smallest honest run of every step (24 conversations, 16 steps, 4 prompts: minutes)")
     p.set_defaults(func=_cmd_demo)
@@ -108,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import DemoConfig, run_demo
 
-    given = {k: getattr(args, k) for k in ("samples", "steps", "max_tokens") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("samples", "steps", "max_tokens", "eval_prompts") if getattr(args, k) is not None}
     base = DemoConfig.quick(args.workdir) if args.quick else DemoConfig(workdir=args.workdir)
     return run_demo(dataclasses.replace(base, **given))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.demo import StepFailed, write_held_out
 from shared.manifest import load_manifest
 
 from processes import run_tree
@@ -50,3 +51,21 @@ def test_the_quick_demo_runs_end_to_end_in_an_empty_home(tmp_path: Path):
     assert "rows |" in proc.stdout
     # specmill's own Ray token, never one in the user's home.
     assert not (home / ".ray").exists()
+
+
+def _chats(path: Path, *questions: str) -> Path:
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": "an answer"}]}) + "\n"
+                            for q in questions))
+    return path
+
+
+def test_held_out_prompts_skip_any_question_a_training_conversation_asks(tmp_path: Path):
+    training = [_chats(tmp_path / "a.jsonl", "add 2 and 3", "hi"), _chats(tmp_path / "b.jsonl", "how are you?")]
+    candidates = _chats(tmp_path / "c.jsonl", "hi", "name a colour", "how are you?", "name a colour", "spell cat")
+    write_held_out(candidates, training, tmp_path / "eval.jsonl", 2)
+    kept = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert kept == ["name a colour", "spell cat"]  # neither a training question nor twice
+    with pytest.raises(StepFailed, match="only 2 of the 3 evaluation prompts"):
+        write_held_out(candidates, training, tmp_path / "eval3.jsonl", 3)
+    assert not (tmp_path / "eval3.jsonl").exists()

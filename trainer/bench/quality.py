@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.demo import Steps
+from shared.heldout import new_questions, prompt_rows, question
 from shared.manifest import atomic_write_bytes
 
 log = logging.getLogger("specmill.quality")
@@ -182,7 +183,7 @@ def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, P
     def prompts(path: Path, source: str, skip: int, n: int) -> list[str]:
         step(f"prompts: {path.name} ({n} from {source}, after the first {skip})", "factory", "prompts",
              "--source", source, "--skip", str(skip), "--n", str(n), "--out", str(path))
-        return _rows(path)
+        return prompt_rows(path)
 
     n_evals, n_chitchat = config.evals_train, config.samples - config.evals_train
     train = prompts(evals, "evals", 0, n_evals)
@@ -196,19 +197,15 @@ def plan_prompts(config: QualityConfig, step: Steps) -> tuple[list[Path], int, P
     if config.sharegpt:
         files.append(w / "train-sharegpt.jsonl")
         rows += prompts(files[-1], "sharegpt", 0, config.sharegpt)
-    seen = {_question(r) for r in rows}
+    seen = {question(r) for r in rows}
     kept: list[str] = []
     held_evals = config.heldout // 2
     for source, skip, want in (("evals", n_evals, held_evals), ("chitchat", n_chitchat, config.heldout - held_evals)):
-        fresh = []
-        for row in prompts(w / f"heldout-{source}.jsonl", source, skip, 2 * want):
-            if _question(row) not in seen:
-                seen.add(_question(row))
-                fresh.append(row)
+        fresh = new_questions(prompts(w / f"heldout-{source}.jsonl", source, skip, 2 * want), seen, want)
         if len(fresh) < want:
             raise ValueError(f"bench quality: only {len(fresh)} of the {2 * want} {source} prompts after the "
                              f"training ones are new questions; asked for {want} (lower --heldout)")
-        kept += fresh[:want]
+        kept += fresh
     heldout = w / "heldout.jsonl"
     atomic_write_bytes(heldout, "".join(r + "\n" for r in kept).encode())
     return files, len(rows), heldout
@@ -222,29 +219,10 @@ def seen_prompts(config: QualityConfig, train_files: list[Path]) -> Path | None:
     kept: list[str] = []
     questions: set[str] = set()
     for path, want in zip(train_files[:2], (config.seen // 2, config.seen - config.seen // 2)):
-        taken = 0
-        for row in _rows(path):
-            if taken == want:
-                break
-            if _question(row) not in questions:
-                questions.add(_question(row))
-                kept.append(row)
-                taken += 1
+        kept += new_questions(prompt_rows(path), questions, want)
     out = config.workdir / "seen.jsonl"
     atomic_write_bytes(out, "".join(r + "\n" for r in kept).encode())
     return out
-
-
-def _rows(path: Path) -> list[str]:
-    """A prompts file's rows, each as canonical JSON (so equal chats compare equal)."""
-    return [json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _question(row: str) -> str:
-    """What an evaluation sends of a row: its turns before the first assistant turn."""
-    messages = json.loads(row)["messages"]
-    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    return json.dumps(messages[:first_answer], sort_keys=True)
 
 
 def manifest_tokens(manifest: dict) -> int:

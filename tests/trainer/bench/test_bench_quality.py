@@ -202,7 +202,9 @@ def test_a_warm_start_trains_beside_the_cold_run_and_is_named_by_the_inits_weigh
 
 def test_too_few_new_held_out_questions_is_an_error_naming_the_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "Steps", FakeSteps)
-    monkeypatch.setattr(quality, "_question", lambda row: "the same question every time")
+    # Every prompt asks the same question, answered differently: distinct conversations, no new question.
+    monkeypatch.setitem(globals(), "chat", lambda source, i: {"messages": [
+        {"role": "user", "content": "the same question every time"}, {"role": "assistant", "content": f"{source}{i}"}]})
     with pytest.raises(ValueError, match="lower --heldout"):
         run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4))
 
