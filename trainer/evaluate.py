@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.hardware import local_device, resolve_model_dtype
 from trainer.engine import VllmEngine
 
 log = logging.getLogger("specmill.trainer")
@@ -37,8 +38,10 @@ log = logging.getLogger("specmill.trainer")
 WAYS = ("none", "ngram", "eagle3")
 PROGRESS_EVERY_S = 10.0  # a line this often while a way generates
 ENGINES = ("vllm", "torch")
-DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_DTYPE = {"vllm": "bfloat16", "torch": "float32"}  # torch: exact greedy agreement on CPU
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# vllm auto: bfloat16 on GPUs and CPUs that do it natively, else float32 (shared.hardware);
+# torch: exact greedy agreement on CPU.
+DEFAULT_DTYPE = {"vllm": "auto", "torch": "float32"}
 PROMPT_LOOKUP_MAX = 4  # the n-gram way's n (vLLM: prompt_lookup_min defaults to the max)
 _METRIC = "vllm:spec_decode_num_{}_total"
 _PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
@@ -82,6 +85,8 @@ class EvalConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype == "auto":
+            self.dtype = resolve_model_dtype("auto", local_device())
         self.json_path = Path(self.json_path) if self.json_path else self.out / "eval.json"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.hardware import bf16_is_native, resolve_model_dtype
+from shared.hardware import bf16_is_native, resolve_model_dtype, with_vllm_dtype
 from trainer.config import resolve_precision
 
 
@@ -26,3 +26,14 @@ def test_auto_on_a_gpu_is_bfloat16_and_an_explicit_dtype_is_kept(monkeypatch):
     assert resolve_model_dtype("float16", "cuda") == "float16"
     assert not bf16_is_native("mps")
 
+
+
+def test_vllm_gets_this_machines_dtype_unless_the_user_gave_one(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert with_vllm_dtype(("--enforce-eager",)) == ["--enforce-eager", "--dtype", "float32"]
+    assert with_vllm_dtype(["--dtype=bfloat16"]) == ["--dtype=bfloat16"]
+    assert with_vllm_dtype(["--dtype", "float16", "--enforce-eager"]) == ["--dtype", "float16", "--enforce-eager"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert with_vllm_dtype(()) == ["--dtype", "bfloat16"]

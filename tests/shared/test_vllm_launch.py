@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.hardware import local_device, resolve_model_dtype
 from shared.vllm_launch import VllmLaunchError, VllmProcess, build_argv, free_port, is_healthy
 
 # Answers /health with 200 after `delay` seconds, and forks a child that would outlive it (as
@@ -43,7 +44,10 @@ def alive(pid: int) -> bool:
 def test_argv_runs_the_module_entry_point_and_refuses_flags_the_launcher_sets():
     argv = build_argv("/m", host="127.0.0.1", port=8000, served_model_name="t", extra_args=("--enforce-eager",))
     assert argv == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host",
-                    "127.0.0.1", "--port", "8000", "--served-model-name", "t", "--enforce-eager"]
+                    "127.0.0.1", "--port", "8000", "--served-model-name", "t", "--enforce-eager",
+                    "--dtype", resolve_model_dtype("auto", local_device())]  # this machine's, unless given
+    given = build_argv("/m", host="h", port=1, extra_args=("--dtype", "float16"))
+    assert given[given.index("--dtype") + 1] == "float16" and given.count("--dtype") == 1
     with pytest.raises(ValueError, match="--port"):
         build_argv("/m", host="h", port=1, extra_args=("--port=9",))
 
