@@ -57,11 +57,10 @@ from shared.manifest import (
     ManifestError,
     ShardInfo,
     TargetInfo,
-    fsync_dir,
     load_manifest,
     save_manifest,
 )
-from shared.storage import Location
+from shared.storage import Location, fsync_dir
 from shared.stream import (DIRECT_ALIGN, Block, FooterError, SampleStream, batch_layout, open_direct,
                            record_batch_blocks, residency)
 

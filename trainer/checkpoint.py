@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from shared.manifest import fsync_dir
+from shared.storage import fsync_dir
 
 log = logging.getLogger("specmill.trainer")
 

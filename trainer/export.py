@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from shared.manifest import fsync_dir
+from shared.storage import fsync_dir
 from trainer.checkpoint import STATE_FILE, read_meta, resolve_checkpoint
 from trainer.model import DraftArch, Eagle3Draft
 
