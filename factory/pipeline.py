@@ -39,8 +39,9 @@ from factory.ray_auth import own_token, token_in_process
 from factory.render import RenderedRow, conversation_id
 from factory.resample import Outcome, Prompt
 from factory.rows import RowFailure, is_row_failure, row_reason
-from shared.manifest import DatasetHeader, ManifestError, atomic_write_bytes, load_manifest, save_manifest
+from shared.manifest import DatasetHeader, ManifestError, load_manifest, save_manifest
 from shared.shards import Sample, SampleError, ShardWriter
+from shared.storage import atomic_write_bytes
 
 log = logging.getLogger("specmill.factory.pipeline")
 

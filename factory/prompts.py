@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared.manifest import atomic_write_bytes
+from shared.storage import atomic_write_bytes
 
 PACKAGE = "chitchat-dataset"
 MODULE = "chitchat_dataset"

@@ -274,7 +274,7 @@ class Frontend:
     def load(cls, config: TargetConfig, spec: TargetSpec | None = None) -> Frontend:
         import transformers
 
-        spec = spec or spec_for(_read_json(config.model / "config.json").get("model_type", ""), family=config.family)
+        spec = spec or spec_for(read_json(config.model / "config.json").get("model_type", ""), family=config.family)
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
         template = _chat_template(config.model, tokenizer)
         eot = config.end_of_turn_ids or _eos_ids(config.model, tokenizer)
@@ -316,7 +316,7 @@ def _eos_ids(model_dir: Path, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        eos = _read_json(gen).get("eos_token_id")
+        eos = read_json(gen).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -397,7 +397,7 @@ class HFTarget(TargetMetadata):
         import torch
         import transformers
 
-        raw = _read_json(config.model / "config.json")
+        raw = read_json(config.model / "config.json")
         self.config = config
         self.spec = spec_for(raw.get("model_type", ""), family=config.family)
         self.frontend = Frontend.load(config, self.spec)
@@ -426,7 +426,7 @@ class HFTarget(TargetMetadata):
             if expected != token_id:
                 raise TargetError(f"{config.model}: the tokenizer's {kind} placeholder is id {token_id} but the "
                                   f"model's config.{kind}_token_id is {expected}; they come from different checkpoints")
-        self._fingerprints = _fingerprints(config.model, self.frontend.chat_template)
+        self._fingerprints = target_fingerprints(config.model, self.frontend.chat_template)
 
     @classmethod
     def load(cls, config: TargetConfig) -> HFTarget:
@@ -513,14 +513,17 @@ def _attr(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A model directory's JSON file (config.json, generation_config.json); TargetError names it."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TargetError(f"{path}: cannot read it as JSON ({e})") from e
 
 
-def _fingerprints(model_dir: Path, chat_template: str) -> dict[str, str]:
+def target_fingerprints(model_dir: Path, chat_template: str) -> dict[str, str]:
+    """The TargetInfo digests of a model directory (config, tokenizer files, chat template), the
+    same for every capture backend so their data sets agree on which target they came from."""
     tok = hashlib.sha256()
     found = [n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
     if not found:

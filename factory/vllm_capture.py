@@ -44,8 +44,8 @@ from shared.shards import Sample
 
 from factory.capture import check_storage_fields
 from factory.render import RenderedRow
-from factory.targets import (EncodedMedia, Frontend, TargetConfig, TargetError, TargetMetadata, _fingerprints,
-                             _read_json, spec_for)
+from factory.targets import (EncodedMedia, Frontend, TargetConfig, TargetError, TargetMetadata, read_json, spec_for,
+                             target_fingerprints)
 from factory.vllm_server import VllmServer, VllmServerConfig
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class VllmTarget(TargetMetadata):
     which captures the three aux ids of `capture_config` plus the final norm's input."""
 
     def __init__(self, config: TargetConfig, capture_config: VllmCaptureConfig):
-        raw = _read_json(config.model / "config.json")
+        raw = read_json(config.model / "config.json")
         self.config, self.capture_config = config, capture_config
         self.spec = spec_for(raw.get("model_type", ""), family=config.family)
         if self.spec.media:
@@ -118,7 +118,7 @@ class VllmTarget(TargetMetadata):
         self.hidden_size = int(text["hidden_size"])
         self.num_layers = int(text["num_hidden_layers"])
         self.vocab_size = int(text["vocab_size"])
-        self._fingerprints = _fingerprints(config.model, self.frontend.chat_template)
+        self._fingerprints = target_fingerprints(config.model, self.frontend.chat_template)
         self.aux_layer_ids = self.check_aux_layer_ids(capture_config.aux_layer_ids)
         # What the server returns, in this order: vLLM collects the ids while walking the
         # layers, so sorted and each once; then where each aux id and L sit in it.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.heldout import new_questions, prompt_rows, question
-from shared.manifest import atomic_write_bytes
+from shared.storage import atomic_write_bytes
 
 log = logging.getLogger("specmill.demo")
 

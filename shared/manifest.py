@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from shared.storage import Location
@@ -170,25 +169,6 @@ def load_manifest(directory: str | os.PathLike | Location) -> Manifest:
 
 def save_manifest(directory: str | os.PathLike | Location, manifest: Manifest) -> None:
     Location.parse(directory).write_bytes_atomic(MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

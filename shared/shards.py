@@ -2,8 +2,9 @@
 
 Reading: `Dataset[i]` for random access (views of the memory map), `Dataset.stream(order)`
 for epochs (O_DIRECT read-ahead for samples not in the page cache, see shared.stream).
-Both decode a record batch straight from its bytes. A data set may also live on a
-filesystem URI (s3://..., see shared.storage).
+Both decode a record batch straight from its bytes (shared.sample_codec); the stream
+plans its reads through the public methods `Dataset` implements for it (`StreamSource`).
+A data set may also live on a filesystem URI (s3://..., see shared.storage).
 
 Why this layout (figures from `specmill shards bench`, see README): an uncompressed Arrow
 IPC file is the sample's bytes plus a small footer, so a memory-mapped read hands torch
@@ -34,11 +35,9 @@ import bisect
 import contextlib
 import json
 import logging
-import math
 import mmap
 import os
 import shutil
-import struct
 import tempfile
 import threading
 import warnings
@@ -57,13 +56,12 @@ from shared.manifest import (
     ManifestError,
     ShardInfo,
     TargetInfo,
-    fsync_dir,
     load_manifest,
     save_manifest,
 )
-from shared.storage import Location
-from shared.stream import (DIRECT_ALIGN, Block, FooterError, SampleStream, batch_layout, open_direct,
-                           record_batch_blocks, residency)
+from shared.sample_codec import FIELDS, Block, FooterError, SampleDecoder, ShardError, record_batch_blocks
+from shared.storage import Location, fsync_dir
+from shared.stream import DIRECT_ALIGN, SampleStream, open_direct, residency
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -79,10 +77,6 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 SHARD_SUFFIX = ".arrow"
 DEFAULT_SHARD_BYTES = 256 << 20
 TENSOR_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_state", "position_ids")
-
-
-class ShardError(RuntimeError):
-    """A shard that is missing, truncated, corrupt or does not match its manifest."""
 
 
 class SampleError(ValueError):
@@ -352,34 +346,12 @@ class _OpenShard:
 
 # --------------------------------------------------------------------------- reading
 
-# The schema's fields in order: (index, kind). Kinds: "<i"/"<q"/"<f" fixed-width scalars
-# (validity + values buffers), "utf8" (int32 offsets) and "large_binary" (int64 offsets),
-# each validity + offsets + data buffers. _decode_raw reads record batches by this table.
-_FIELDS = {name: (i, kind) for i, (name, kind) in enumerate([
-    ("sample_id", "utf8"), ("source_index", "<q"), ("num_tokens", "<i"), ("input_ids", "large_binary"),
-    ("loss_mask", "large_binary"), ("aux_hidden_states", "large_binary"), ("last_hidden_state", "large_binary"),
-    ("position_ids", "large_binary"), ("modality_spans", "utf8"), ("temperature", "<f"), ("finish_reason", "utf8"),
-])}
-_FIRST_BUFFER = dict(zip(_FIELDS, np.cumsum([0] + [2 if k.startswith("<") else 3 for _, k in _FIELDS.values()])
-                         .tolist()))
-_N_BUFFERS = sum(2 if k.startswith("<") else 3 for _, k in _FIELDS.values())
-_OFFSETS_32, _OFFSETS_64 = struct.Struct("<ii"), struct.Struct("<qq")
-# Per field, for _decode_raw: (name, how to read it - a scalar's Struct or that of row 0's
-# offsets -, and where in BatchLayout's flat tuples its null count, values (or offsets)
-# buffer and data buffer are: the offset and the length of each)
-_DECODE_PLAN = tuple(
-    (name, 2 * i + 1,
-     _OFFSETS_32 if kind == "utf8" else _OFFSETS_64 if kind == "large_binary" else struct.Struct(kind),
-     2 * _FIRST_BUFFER[name] + 2, 2 * _FIRST_BUFFER[name] + 3, 2 * _FIRST_BUFFER[name] + 4, 2 * _FIRST_BUFFER[name] + 5)
-    for name, (i, kind) in _FIELDS.items())
-
-_COLUMN = {name: i for i, name in enumerate(shard_schema(DatasetHeader(
-    target=TargetInfo(name="-", config_sha256="", tokenizer_sha256="", chat_template_sha256="",
-                      vocab_size=1, num_hidden_layers=1),
-    hidden_size=1, aux_layer_ids=(0, 0, 0))).names)}
-
-if list(_FIELDS) != list(_COLUMN):
-    raise RuntimeError("shards._FIELDS must list shard_schema's fields in order")
+# sample_codec decodes record batches by its own table of the fields: it must be shard_schema's.
+if list(FIELDS) != shard_schema(DatasetHeader(
+        target=TargetInfo(name="-", config_sha256="", tokenizer_sha256="", chat_template_sha256="",
+                          vocab_size=1, num_hidden_layers=1),
+        hidden_size=1, aux_layer_ids=(0, 0, 0))).names:
+    raise RuntimeError("sample_codec.FIELDS must list shard_schema's fields in order")
 
 
 class Dataset:
@@ -407,16 +379,13 @@ class Dataset:
         self._last_index = -2
         self.readahead_bytes = readahead_bytes
         self._pid = os.getpid()
-        import torch
-
-        self._torch = torch
-        self._hidden_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[self.header.dtype]
+        self._decoder = SampleDecoder(hidden_size=self.header.hidden_size, dtype=self.header.dtype)
 
     def __len__(self) -> int:
         return self._starts[-1]
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        return self._get(index, readahead=True)
+        return self.get(index)
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         for i in range(len(self)):
@@ -472,9 +441,11 @@ class Dataset:
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, index - self._starts[shard]
 
-    # -- internals
+    # -- what shared.stream reads through (StreamSource)
 
-    def _get(self, index: int, *, readahead: bool) -> dict[str, object]:
+    def get(self, index: int, *, readahead: bool = True) -> dict[str, object]:
+        """Sample `index`, as `ds[index]`; `readahead`: ask the kernel for its bytes first
+        (and, while reading in order, for what follows)."""
         shard, row = self.locate(index)
         source = self._shard(shard)
         if readahead and not source.remote:
@@ -486,25 +457,28 @@ class Dataset:
                 source.will_need(row, ahead=self.readahead_bytes if sequential else 0)
             self._last_index = index % len(self)
         if source.remote:
-            return self._decode(source.batch(row), shard, index)
-        return self._decode_raw(source.view, 0, source.blocks()[row], shard, index)
+            return self._decoder.from_batch(source.batch(row), name=source.name, index=index)
+        return self._decoder.from_bytes(source.view, 0, source.blocks()[row], name=source.name, index=index)
 
-    def _shard(self, shard: int) -> _MappedShard | _RemoteShard:
-        if os.getpid() != self._pid:  # forked: maps are not shared safely across processes
-            self._readers, self._pid = {}, os.getpid()
-        opened = self._readers.get(shard)
-        if opened is None:
-            kind = _MappedShard if self.location.is_local else _RemoteShard
-            opened = self._readers[shard] = kind(self.location, self.manifest.shards[shard], self._schema)
-        return opened
+    def shard_file(self, shard: int) -> _MappedShard | None:
+        """The open local file of `shard` (its blocks, page-cache residency, O_DIRECT
+        descriptor); None when the data set is not local."""
+        source = self._shard(shard)
+        return None if source.remote else source
 
-    def _mapped(self, shard: int, rows: Iterable[int], indices: Iterable[int]) -> list[dict[str, object]]:
+    def sample_bytes(self, index: int) -> int:
+        """Bytes of sample `index`'s record batch (not local: the shard's mean)."""
+        shard, row = self.locate(index)
+        return self._shard(shard).sample_bytes(row)
+
+    def decode_mapped(self, shard: int, rows: Iterable[int], indices: Iterable[int]) -> list[dict[str, object]]:
         """Rows of a local shard decoded from its memory map."""
         source = self._shard(shard)
         blocks = source.blocks()
-        return [self._decode_raw(source.view, 0, blocks[row], shard, index) for row, index in zip(rows, indices)]
+        return [self._decoder.from_bytes(source.view, 0, blocks[row], name=source.name, index=index)
+                for row, index in zip(rows, indices)]
 
-    def _decode_direct(self, shard: int, rows: list[int], indices: list[int], read: Future) -> list[dict[str, object]]:
+    def decode_read(self, shard: int, rows: list[int], indices: list[int], read: Future) -> list[dict[str, object]]:
         """Consecutive rows of a local shard from their O_DIRECT read (runs in a stream thread)."""
         source = self._shard(shard)
         blocks = source.blocks()
@@ -515,99 +489,19 @@ class Dataset:
             raise ShardError(f"{source.name}: reading bytes {start}-{end} failed ({e})") from None
         base = start - start % DIRECT_ALIGN
         view = memoryview(data)
-        return [self._decode_raw(view, base, blocks[row], shard, index) for row, index in zip(rows, indices)]
+        return [self._decoder.from_bytes(view, base, blocks[row], name=source.name, index=index)
+                for row, index in zip(rows, indices)]
 
-    def _decode_raw(self, view: memoryview, base: int, block: Block, shard: int, index: int) -> dict[str, object]:
-        """A sample straight from the bytes of its record batch (view[0] is file byte `base`):
-        tensors are views of `view`, no pyarrow objects in between. One pass over the
-        fields (19 us a sample, where a helper call per field cost 28: the stream's
-        decode runs beside the consumer's copy, and holds the GIL meanwhile)."""
-        try:
-            nodes, buffers, body = batch_layout(view, block.offset - base, block, len(_FIELDS), _N_BUFFERS)
-        except FooterError as e:
-            raise ShardError(f"{self._file(shard)}: sample {index} is not a readable record batch ({e})") from None
-        if nodes[0] != 1:
-            raise ShardError(f"{self._file(shard)}: sample {index} is a record batch of {nodes[0]} rows, expected 1")
-        found: dict[str, object] = {}  # scalar fields: the value; the others: (position in view, bytes)
-        for name, null_count, kind, values, values_length, data, data_length in _DECODE_PLAN:
-            if nodes[null_count]:
-                found[name] = None
-            elif kind is _OFFSETS_64 or kind is _OFFSETS_32:  # `values` are the offsets: row 0's bytes in `data`
-                lo, hi = kind.unpack_from(view, body + buffers[values])
-                if not 0 <= lo <= hi <= buffers[data_length]:
-                    raise ShardError(f"{self._file(shard)}: sample {index} field {name} has offsets [{lo}, {hi}) "
-                                     f"outside its {buffers[data_length]}-byte data buffer")
-                found[name] = (body + buffers[data] + lo, hi - lo)
-            elif buffers[values_length] < kind.size:
-                raise ShardError(f"{self._file(shard)}: sample {index} field {name} holds "
-                                 f"{buffers[values_length]} bytes, expected {kind.size}")
-            else:
-                found[name] = kind.unpack_from(view, body + buffers[values])[0]
-        torch = self._torch
-        t, h, hidden = found["num_tokens"], self.header.hidden_size, self._hidden_dtype
+    # -- internals
 
-        def tensor(field: str, dtype, shape: tuple[int, ...]):
-            where = found[field]
-            expected = math.prod(shape) * dtype.itemsize
-            if where is None or where[1] != expected:
-                raise ShardError(f"{self._file(shard)} sample {index}: field {field} holds "
-                                 f"{'null' if where is None else where[1]} bytes, expected {expected} "
-                                 f"for shape {shape} {dtype}")
-            flat = torch.frombuffer(view, dtype=dtype, count=expected // dtype.itemsize, offset=where[0])
-            return flat if len(shape) == 1 else flat.view(shape)
-
-        def text(field: str) -> str | None:
-            where = found[field]
-            return None if where is None else str(view[where[0]:where[0] + where[1]], "utf-8")
-
-        out: dict[str, object] = {
-            "sample_id": text("sample_id"),
-            "source_index": found["source_index"],
-            "input_ids": tensor("input_ids", torch.int32, (t,)),
-            "loss_mask": tensor("loss_mask", torch.uint8, (t,)),
-            "aux_hidden_states": tensor("aux_hidden_states", hidden, (t, 3, h)),
-            "last_hidden_state": tensor("last_hidden_state", hidden, (t, h)),
-        }
-        if found["position_ids"] is not None:
-            out["position_ids"] = tensor("position_ids", torch.int32, (3, t))
-        spans = text("modality_spans")
-        out["modality_spans"] = [tuple(s) for s in json.loads(spans)] if spans else []
-        out["temperature"] = found["temperature"]
-        out["finish_reason"] = text("finish_reason")
-        return out
-
-    def _file(self, shard: int) -> str:
-        return self.location.name(self.manifest.shards[shard].file)
-
-    def _decode(self, batch: pa.RecordBatch, shard: int, index: int) -> dict[str, object]:
-        torch = self._torch
-        columns = batch.columns
-        t = columns[_COLUMN["num_tokens"]][0].as_py()
-        h = self.header.hidden_size
-
-        def tensor(name: str, dtype, shape: tuple[int, ...]):
-            buf = _value_buffer(columns[_COLUMN[name]])
-            expected = math.prod(shape) * dtype.itemsize
-            if buf.size != expected:
-                raise ShardError(f"{self.location.name(self.manifest.shards[shard].file)} sample {index}: field "
-                                 f"{name} holds {buf.size} bytes, expected {expected} for shape {shape} {dtype}")
-            return torch.frombuffer(memoryview(buf), dtype=dtype).view(shape)
-
-        out: dict[str, object] = {
-            "sample_id": columns[_COLUMN["sample_id"]][0].as_py(),
-            "source_index": columns[_COLUMN["source_index"]][0].as_py(),
-            "input_ids": tensor("input_ids", torch.int32, (t,)),
-            "loss_mask": tensor("loss_mask", torch.uint8, (t,)),
-            "aux_hidden_states": tensor("aux_hidden_states", self._hidden_dtype, (t, 3, h)),
-            "last_hidden_state": tensor("last_hidden_state", self._hidden_dtype, (t, h)),
-        }
-        if columns[_COLUMN["position_ids"]].null_count == 0:
-            out["position_ids"] = tensor("position_ids", torch.int32, (3, t))
-        spans = columns[_COLUMN["modality_spans"]][0].as_py()
-        out["modality_spans"] = [tuple(s) for s in json.loads(spans)] if spans else []
-        out["temperature"] = columns[_COLUMN["temperature"]][0].as_py()
-        out["finish_reason"] = columns[_COLUMN["finish_reason"]][0].as_py()
-        return out
+    def _shard(self, shard: int) -> _MappedShard | _RemoteShard:
+        if os.getpid() != self._pid:  # forked: maps are not shared safely across processes
+            self._readers, self._pid = {}, os.getpid()
+        opened = self._readers.get(shard)
+        if opened is None:
+            kind = _MappedShard if self.location.is_local else _RemoteShard
+            opened = self._readers[shard] = kind(self.location, self.manifest.shards[shard], self._schema)
+        return opened
 
 
 class _MappedShard:
@@ -708,7 +602,7 @@ class _RemoteShard:
 
     def column(self, name: str) -> pa.ChunkedArray:
         """One column of every row, reading only that column's bytes."""
-        options = ipc.IpcReadOptions(included_fields=[_COLUMN[name]])
+        options = ipc.IpcReadOptions(included_fields=[FIELDS[name][0]])
         reader = ipc.open_file(self._location.open_random_access(self._info.file), options=options)
         return reader.read_all().column(0)
 
@@ -737,16 +631,6 @@ def _no_read_around(mapped: mmap.mmap) -> Iterator[None]:
         yield
     finally:
         mapped.madvise(mmap.MADV_NORMAL)
-
-
-def _value_buffer(column: pa.Array) -> pa.Buffer:
-    """Row 0 of a binary column as a slice of the column's own (memory-mapped) buffer.
-
-    Not `column[0].as_buffer()`: pyarrow builds that scalar from a copy of the value,
-    which halved warm read speed (`specmill shards bench`)."""
-    _, offsets, data = column.buffers()
-    start, end = struct.unpack_from("<qq", offsets, 8 * column.offset)
-    return data.slice(start, end - start)
 
 
 def open_shard(location: Location, info: ShardInfo,

@@ -89,8 +89,6 @@ class Location:
     def write_bytes_atomic(self, file: str, data: bytes) -> None:
         """Replace `file` so that a crash leaves the old or the new content, never a mix."""
         if self.local is not None:
-            from shared.manifest import atomic_write_bytes
-
             atomic_write_bytes(self.local / file, data)
             return
         # One object PUT: object stores make it visible whole or not at all.
@@ -129,6 +127,25 @@ class Location:
                 digest.update(chunk)
                 size += len(chunk)
         return digest.hexdigest(), size
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:

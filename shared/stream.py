@@ -26,20 +26,17 @@ import collections
 import ctypes
 import logging
 import mmap
-import operator
 import os
 import queue
-import struct
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from shared.shards import Dataset
+from shared.sample_codec import Block
 
 log = logging.getLogger("specmill.shards")
 
@@ -50,121 +47,6 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+, not in Python 3.11's mmap module
 _MADV_POPULATE_WRITE = 23
 _POPULATE_STEP = 4 << 20
 _HUGE_PAGE = 2 << 20
-_ARROW_MAGIC = b"ARROW1"
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """Where one record batch lies in an Arrow IPC file: its message metadata, then its body."""
-
-    offset: int
-    metadata_length: int
-    body_length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.metadata_length + self.body_length
-
-
-class FooterError(ValueError):
-    pass
-
-
-def record_batch_blocks(tail: memoryview | bytes) -> list[Block]:
-    """The record-batch blocks listed in an Arrow IPC file's footer.
-
-    `tail` is the file (or its end, as long as it holds the whole footer). pyarrow does not
-    expose block offsets; the footer is a flatbuffer `Footer { version, schema,
-    dictionaries, recordBatches: [Block] }` followed by its int32 length and "ARROW1", and
-    `Block` is a 24-byte struct { offset: int64, metaDataLength: int32, pad, bodyLength: int64 }.
-    """
-    if len(tail) < 10 or bytes(tail[-6:]) != _ARROW_MAGIC:
-        raise FooterError("no Arrow IPC file footer (file truncated?)")
-    (footer_length,) = struct.unpack_from("<i", tail, len(tail) - 10)
-    start = len(tail) - 10 - footer_length
-    if footer_length <= 0 or start < 0:
-        raise FooterError(f"footer length {footer_length} does not fit the file")
-    footer = memoryview(tail)[start:len(tail) - 10]
-    try:
-        (table,) = struct.unpack_from("<I", footer, 0)
-        (vtable_back,) = struct.unpack_from("<i", footer, table)
-        vtable = table - vtable_back
-        (vtable_length,) = struct.unpack_from("<H", footer, vtable)
-        slot = 4 + 2 * 3  # field 3: recordBatches
-        field = struct.unpack_from("<H", footer, vtable + slot)[0] if slot < vtable_length else 0
-        if field == 0:
-            return []
-        vector = table + field + struct.unpack_from("<I", footer, table + field)[0]
-        (count,) = struct.unpack_from("<I", footer, vector)
-        return [Block(*struct.unpack_from("<qi4xq", footer, vector + 4 + 24 * i)) for i in range(count)]
-    except struct.error as e:
-        raise FooterError(f"footer is malformed ({e})") from None
-
-
-class BatchLayout(NamedTuple):
-    """A one-batch IPC message's body: per field (length, null_count) and per buffer
-    (offset, length) relative to the body, flat (field k's at [2k], [2k + 1]), and where
-    the body starts."""
-
-    nodes: tuple[int, ...]
-    buffers: tuple[int, ...]
-    body: int
-
-
-def _table_field(fb: memoryview, table: int, field: int) -> int:
-    """Absolute position of a flatbuffer table's field, 0 when absent."""
-    (back,) = struct.unpack_from("<i", fb, table)
-    vtable = table - back
-    (vtable_length,) = struct.unpack_from("<H", fb, vtable)
-    slot = 4 + 2 * field
-    offset = struct.unpack_from("<H", fb, vtable + slot)[0] if slot < vtable_length else 0
-    return table + offset if offset else 0
-
-
-def _vector(fb: memoryview, position: int) -> tuple[int, int]:
-    """(start, count) of the vector a field at `position` points to."""
-    start = position + struct.unpack_from("<I", fb, position)[0]
-    return start + 4, struct.unpack_from("<I", fb, start)[0]
-
-
-def batch_layout(view: memoryview, start: int, block: Block, n_fields: int, n_buffers: int) -> BatchLayout:
-    """Parse the record batch message of `block`, whose first byte is view[start].
-
-    The message is `0xFFFFFFFF, int32 size, flatbuffer Message { version, header_type,
-    header: RecordBatch { length, nodes: [FieldNode], buffers: [Buffer], compression } }`
-    padded to `metadata_length`, then the body (Arrow columnar format, IPC). Reading it
-    here rather than through pyarrow's `read_record_batch` saves ~0.1 ms a sample, a
-    tenth of a warm read; the shape of every tensor is still checked by the caller.
-    """
-    marker, size = struct.unpack_from("<Ii", view, start)
-    if marker != 0xFFFFFFFF or not 0 < size <= block.metadata_length - 8:
-        raise FooterError(f"record batch at byte {block.offset} has no IPC message header")
-    fb = view[start + 8:start + 8 + size]
-    try:
-        (message,) = struct.unpack_from("<I", fb, 0)
-        header_type = _table_field(fb, message, 1)
-        header = _table_field(fb, message, 2)
-        if not header or not header_type or fb[header_type] != 3:  # MessageHeader.RecordBatch
-            raise FooterError(f"message at byte {block.offset} is not a record batch")
-        batch = header + struct.unpack_from("<I", fb, header)[0]
-        if _table_field(fb, batch, 3):
-            raise FooterError(f"record batch at byte {block.offset} is compressed (specmill writes none)")
-        nodes_at, n_nodes = _vector(fb, _table_field(fb, batch, 1))
-        buffers_at, count = _vector(fb, _table_field(fb, batch, 2))
-        if n_nodes != n_fields or count != n_buffers:
-            raise FooterError(f"record batch at byte {block.offset} has {n_nodes} fields and {count} buffers, "
-                              f"the schema needs {n_fields} and {n_buffers}")
-        nodes = struct.unpack_from(f"<{2 * n_nodes}q", fb, nodes_at)
-        buffers = struct.unpack_from(f"<{2 * count}q", fb, buffers_at)
-    except (struct.error, IndexError) as e:
-        raise FooterError(f"record batch message at byte {block.offset} is malformed ({e})") from None
-    finally:
-        fb.release()
-    body = start + block.metadata_length
-    offsets, lengths = buffers[::2], buffers[1::2]
-    if count and (min(offsets) < 0 or min(lengths) < 0 or max(map(operator.add, offsets, lengths)) > block.body_length):
-        raise FooterError(f"record batch at byte {block.offset} has a buffer outside its body")
-    return BatchLayout(nodes=nodes, buffers=buffers, body=body)
 
 
 def open_direct(path: str | os.PathLike) -> int | None:
@@ -507,6 +389,50 @@ def residency() -> _Residency:
 # --------------------------------------------------------------------------- the stream
 
 
+class ShardFile(Protocol):
+    """A local shard file, as the stream plans its reads."""
+
+    def blocks(self) -> list[Block]:
+        """Where each row's record batch lies in the file."""
+
+    def cached(self, block: Block) -> bool:
+        """Whether the page cache (probably) holds the block's bytes."""
+
+    def address(self, offset: int) -> int:
+        """Where file byte `offset` lies in this process's memory map of the file."""
+
+    def direct_fd(self) -> int | None:
+        """A descriptor for O_DIRECT reads (`open_direct`), None where the filesystem refuses them."""
+
+
+class StreamSource(Protocol):
+    """What a SampleStream reads, in the data set's terms; shared.shards.Dataset is one.
+
+    The stream decides what to read when, and how (the map, O_DIRECT or the source's own
+    `get`); the source says where samples lie and decodes the bytes the stream got."""
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row in the shard) of sample `index`."""
+
+    def shard_file(self, shard: int) -> ShardFile | None:
+        """The local file of `shard`; None when the shard is not local (read its samples with `get`)."""
+
+    def sample_bytes(self, index: int) -> int:
+        """Bytes of sample `index` (an estimate where the shard is not local), for the read-ahead budget."""
+
+    def get(self, index: int, *, readahead: bool) -> dict[str, object]:
+        """Sample `index`, as `ds[index]`; `readahead`: ask the kernel for its bytes first."""
+
+    def decode_mapped(self, shard: int, rows: Sequence[int], indices: Sequence[int]) -> list[dict[str, object]]:
+        """Samples `indices`, rows `rows` of a local shard, decoded from its memory map."""
+
+    def decode_read(self, shard: int, rows: Sequence[int], indices: Sequence[int],
+                    read: Future) -> list[dict[str, object]]:
+        """Samples `indices`, consecutive rows `rows` of a local shard, decoded from their
+        O_DIRECT read: `read` (LandingReader.submit) gives the bytes from the first row's
+        block on, starting at its offset rounded down to DIRECT_ALIGN."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Slot:
     """The next sample(s) in stream order: already being read (future) or read on demand."""
@@ -518,12 +444,12 @@ class _Slot:
     data: Future | None = None  # the O_DIRECT read that `future` decodes
 
 
-def _map_in(ds: Dataset, shard: int, rows: list[int], indices: list[int], address: int, length: int,
+def _map_in(ds: StreamSource, shard: int, rows: list[int], indices: list[int], address: int, length: int,
             populate: bool) -> list[dict[str, object]]:
     """Cached consecutive rows of a shard: their pages mapped in, then decoded from the map."""
     if populate:
         residency().populate(address, length)
-    return ds._mapped(shard, rows, indices)
+    return ds.decode_mapped(shard, rows, indices)
 
 
 class SampleStream:
@@ -532,7 +458,7 @@ class SampleStream:
     leaving a `with` block) stops the threads. Tensors from O_DIRECT reads are views of
     private buffers that live as long as the tensors do."""
 
-    def __init__(self, ds: Dataset, indices: Iterable[int], *, direct: bool, readahead_bytes: int,
+    def __init__(self, ds: StreamSource, indices: Iterable[int], *, direct: bool, readahead_bytes: int,
                  threads: int, max_request: int):
         if readahead_bytes <= 0 or threads <= 0 or max_request <= 0:
             raise ValueError(f"stream: readahead_bytes, threads and max_request must be positive, got "
@@ -565,7 +491,7 @@ class SampleStream:
             if slot.future is not None:
                 self._ready.extend(slot.future.result())
             else:
-                self._ready.extend(self._ds._get(i, readahead=slot.advise) for i in slot.indices)
+                self._ready.extend(self._ds.get(i, readahead=slot.advise) for i in slot.indices)
             self._fill()
         return self._ready.popleft()
 
@@ -612,10 +538,10 @@ class SampleStream:
         time, 10% of a warm 8 MB sample)."""
         ds = self._ds
         shard, row = ds.locate(index)
-        source = ds._shard(shard)
-        if source.remote:  # object stores are latency-bound: fetch in the pool too
-            return _Slot(indices=(index,), nbytes=source.sample_bytes(row),
-                         future=self._pool.submit(lambda: [ds._get(index, readahead=False)]))
+        source = ds.shard_file(shard)
+        if source is None:  # object stores are latency-bound: fetch in the pool too
+            return _Slot(indices=(index,), nbytes=ds.sample_bytes(index),
+                         future=self._pool.submit(lambda: [ds.get(index, readahead=False)]))
         blocks = source.blocks()
         cached = source.cached(blocks[row])
         if not cached and (not self._direct or source.direct_fd() is None):
@@ -647,5 +573,5 @@ class SampleStream:
         if self._reader is None:
             self._reader = LandingReader()
         data = self._reader.submit(source.direct_fd(), start, end)
-        future = self._pool.submit(ds._decode_direct, shard, rows, indices, data)  # decoded off the consumer
+        future = self._pool.submit(ds.decode_read, shard, rows, indices, data)  # decoded off the consumer
         return _Slot(indices=tuple(indices), nbytes=end - start, future=future, data=data)

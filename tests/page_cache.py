@@ -26,7 +26,7 @@ def cached_fraction(directory: Path) -> float:
     ds = Dataset(directory)
     cached = total = 0
     for k in range(len(ds.manifest.shards)):
-        source = ds._shard(k)
+        source = ds.shard_file(k)
         for block in source.blocks():
             cached += source.cached(block)
             total += 1

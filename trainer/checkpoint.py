@@ -1,4 +1,5 @@
-"""Checkpoints: `OUT/checkpoints/step-000123/{state.pt, meta.json}`, written atomically.
+"""Checkpoints: `OUT/checkpoints/step-000000123/{state.pt, meta.json}` (trainer.run_layout),
+written atomically.
 
 `state.pt` is one dict, `{name: component.state_dict()}` for every resumable component
 (model, optimizer, scheduler, data loader position, RNG states, loop state); `meta.json`
@@ -24,13 +25,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from shared.manifest import fsync_dir
+from shared.storage import fsync_dir
+from trainer.run_layout import META_FILE, STATE_FILE, checkpoint_name, checkpoints_dir
 
 log = logging.getLogger("specmill.trainer")
 
 SCHEMA_VERSION = 1
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
 
 
 class CheckpointMismatch(ValueError):
@@ -70,7 +70,7 @@ class RNGState:
 
 class Checkpointer:
     def __init__(self, out: Path, *, keep: int):
-        self.dir = Path(out) / "checkpoints"
+        self.dir = checkpoints_dir(out)
         self.keep = keep
 
     def latest(self) -> Path | None:
@@ -81,8 +81,8 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob(".tmp-*"):
             shutil.rmtree(stale)
-        final = self.dir / f"step-{step:09d}"
-        tmp = self.dir / f".tmp-step-{step:09d}-{os.getpid()}"
+        final = self.dir / checkpoint_name(step)
+        tmp = self.dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
         tmp.mkdir()
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({**meta, "schema_version": SCHEMA_VERSION, "step": step}, indent=1))
@@ -131,7 +131,7 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if (path / META_FILE).exists():
         return path
-    found = latest_checkpoint(path / "checkpoints")
+    found = latest_checkpoint(checkpoints_dir(path))
     if found is None:
         raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
     return found

@@ -28,10 +28,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.hardware import local_device, resolve_model_dtype
 from trainer.engine import VllmEngine
+
+if TYPE_CHECKING:
+    from trainer.model import Eagle3Draft
+    from trainer.spec_decode import Target
 
 log = logging.getLogger("specmill.trainer")
 
@@ -234,13 +238,80 @@ def simulated_acceptance_length(draft: Path) -> dict[str, Any]:
             **{k: section[k] for k in ("simulated_acceptance_length_split", "step", "ttt_steps") if k in section}}
 
 
+# --- `--engine torch`: the loop of trainer/spec_decode.py on a transformers model -------------
+
+
+def aux_layer_ids(draft_dir: Path, num_layers: int) -> tuple[int, ...]:
+    """The export's eagle_aux_hidden_state_layer_ids, else vLLM's default (2, L//2, L-3)."""
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
+        or (2, num_layers // 2, num_layers - 3)
+    if len(ids) != 3 or not all(0 <= i < num_layers for i in ids):
+        raise ValueError(f"{draft_dir}/config.json: eagle_aux_hidden_state_layer_ids {ids} must be 3 ids in "
+                         f"[0, {num_layers}) for this {num_layers}-layer target")
+    return tuple(int(i) for i in ids)
+
+
+def load_engine(config: EvalConfig) -> tuple[Any, Target, Eagle3Draft, set[int]]:
+    """tokenizer, target, draft (sharing the target's embedding) and the EOS ids."""
+    from transformers import AutoTokenizer
+
+    from trainer.export import load_exported
+    from trainer.spec_decode import TORCH_DTYPES, Target, load_target_model
+
+    dtype = TORCH_DTYPES[config.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(config.target)
+    model = load_target_model(config.target, dtype)
+    text = model.config.get_text_config()
+    draft = load_exported(config.draft, dtype=dtype).eval()
+    if (draft.arch.vocab_size, draft.arch.hidden_size) != (text.vocab_size, text.hidden_size):
+        raise ValueError(f"--draft {config.draft} was built for vocab {draft.arch.vocab_size} / hidden "
+                         f"{draft.arch.hidden_size}, the target has {text.vocab_size} / {text.hidden_size}")
+    draft.attach_target_embedding(model.get_input_embeddings().weight)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    return tokenizer, Target(model, aux_layer_ids(config.draft, text.num_hidden_layers)), draft, eos_ids
+
+
+def run_ways(config: EvalConfig, prompts: list[list[dict[str, str]]], ways: tuple[str, ...]) -> dict[str, WayRun]:
+    """Each way on every prompt in turn (batch 1), one model load for all ways."""
+    from tqdm import tqdm
+
+    from trainer.spec_decode import EagleProposer, NgramProposer, NoProposer, SpecStats, generate
+
+    tokenizer, target, draft, eos_ids = load_engine(config)
+    prompt_ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
+                  for m in prompts]
+    proposers = {"none": NoProposer(), "ngram": NgramProposer(k=config.k, min_n=PROMPT_LOOKUP_MAX,
+                                                              max_n=PROMPT_LOOKUP_MAX),
+                 "eagle3": EagleProposer(draft, config.k)}
+    runs = {}
+    for way in ways:
+        stats = SpecStats(k=config.k)
+        generate(target, proposers[way], prompt_ids[0][:32], max_tokens=8, eos_ids=eos_ids,
+                 stats=SpecStats(k=config.k))  # warm-up: first-call costs would skew tokens/s
+        started, completions = time.perf_counter(), []
+        for ids in tqdm(prompt_ids, desc=f"torch {way}", disable=not config.progress):
+            completions.append(generate(target, proposers[way], ids, max_tokens=config.max_tokens,
+                                        eos_ids=eos_ids, stats=stats))
+        seconds = time.perf_counter() - started
+        log.info("torch %s: %d tokens in %.1f s, %d target forwards", way, sum(map(len, completions)), seconds,
+                 stats.forwards)
+        runs[way] = WayRun(way=way, texts=[tokenizer.decode(c, skip_special_tokens=True) for c in completions],
+                           completion_tokens=[len(c) for c in completions], seconds=seconds,
+                           drafts=stats.drafts, draft_tokens=stats.draft_tokens, accepted=stats.accepted,
+                           accepted_per_pos=dict(enumerate(map(float, stats.accepted_per_pos))),
+                           target_forwards=stats.forwards)
+    return runs
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Serve the target three ways, write the JSON report and chart, return the report."""
     prompts = load_prompts(config.prompts)
     config.out.mkdir(parents=True, exist_ok=True)
     if config.engine == "torch":
-        from trainer.spec_decode import run_ways
-
         log.info("eval (torch): %s on %d prompts, batch 1, max_tokens %d", WAYS, len(prompts), config.max_tokens)
         runs = run_ways(config, prompts, WAYS)
     else:

@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from shared.manifest import fsync_dir
-from trainer.checkpoint import STATE_FILE, read_meta, resolve_checkpoint
+from shared.storage import fsync_dir
+from trainer.checkpoint import read_meta, resolve_checkpoint
 from trainer.model import DraftArch, Eagle3Draft
+from trainer.run_layout import METRICS_FILE, STATE_FILE, run_dir
 
 log = logging.getLogger("specmill.trainer")
 
@@ -172,9 +173,7 @@ def simulated_acceptance(checkpoint: Path, step: int) -> dict[str, Any]:
     """The run's simulated acceptance length at the exported step (validation if measured,
     else training), from the run's metrics.jsonl, so `specmill eval` can set it beside
     what the engine measures. Empty when the run logged none."""
-    from trainer.train import METRICS_FILE
-
-    path = checkpoint.parent.parent / METRICS_FILE  # OUT/checkpoints/step-N -> OUT/metrics.jsonl
+    path = run_dir(checkpoint) / METRICS_FILE
     if not path.exists():
         return {}
     records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= step]

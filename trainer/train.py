@@ -28,13 +28,11 @@ from trainer.distributed import (RankedLoaderState, ShardedModelState, ShardedOp
 from trainer.export import warm_start
 from trainer.loss import TTTOutput, acceptance_length, merge, ttt_loss
 from trainer.model import DraftArch, Eagle3Draft
+from trainer.run_layout import CURVES_FILE, METRICS_FILE, checkpoint_name
 from trainer.target import TargetArch, TargetHead, load_target_weights, target_fingerprint
 from trainer.vocab import build_vocab
 
 log = logging.getLogger("specmill.trainer")
-
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -183,7 +181,7 @@ def save(run: Run) -> Path:
     """Checkpoint on rank 0 (every rank contributes its data position)."""
     state = {name: c.state_dict() for name, c in run.components.items()}
     _check_ranks_agree(run)
-    path = run.checkpointer.dir / f"step-{run.loop.step:09d}"
+    path = run.checkpointer.dir / checkpoint_name(run.loop.step)
     if run.world.is_main:
         meta = {**run.meta, "data_position": state["data"]["ranks"], "tokens": run.loop.tokens}
         path = run.checkpointer.save(run.loop.step, state, meta)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from shared.manifest import load_manifest
+from shared.sample_codec import record_batch_blocks
 from shared.shards import Dataset, ShardError
-from shared.stream import open_direct, record_batch_blocks
+from shared.stream import open_direct
 from shared.synth import SynthConfig, write_synthetic
 
 from machine import thp_mode
@@ -77,7 +78,7 @@ def test_a_partly_cached_stream_switches_between_map_runs_and_reads(ds_dir, monk
         reference[i]["aux_hidden_states"].sum()
     monkeypatch.setattr(residency(), "_populate_ok", populate)
     ds = Dataset(ds_dir)
-    cached = [ds._shard(k).cached(ds._shard(k).blocks()[r]) for k, r in map(ds.locate, range(len(ds)))]
+    cached = [ds.shard_file(k).cached(ds.shard_file(k).blocks()[r]) for k, r in map(ds.locate, range(len(ds)))]
     assert any(cached) and not all(cached)
     streamed = list(ds.stream(readahead_bytes=1 << 20, max_request=256 << 10))
     assert len(streamed) == len(ds)
@@ -114,7 +115,7 @@ def test_stream_falls_back_to_the_map_where_o_direct_is_refused(ds_dir, monkeypa
     reference = Dataset(ds_dir)
     ds = Dataset(ds_dir)
     streamed = list(ds.stream())
-    assert ds._shard(0).direct_fd() is None
+    assert ds.shard_file(0).direct_fd() is None
     for i, sample in enumerate(streamed):
         _assert_same(sample, reference[i])
 
@@ -151,17 +152,16 @@ def test_corrupt_record_batch_in_a_cold_stream_names_the_shard(ds_dir, tmp_path)
 
 def _damage(path: Path, row: int, how: str) -> None:
     """Rewrite bytes of record batch `row` so that its layout still parses but a field lies."""
-    from shared.shards import _FIELDS, _FIRST_BUFFER, _N_BUFFERS
-    from shared.stream import batch_layout
+    from shared.sample_codec import FIELDS, FIRST_BUFFER, N_BUFFERS, batch_layout
 
     data = bytearray(path.read_bytes())
     block = record_batch_blocks(bytes(data))[row]
-    nodes, buffers, body = batch_layout(memoryview(data), block.offset, block, len(_FIELDS), _N_BUFFERS)
+    nodes, buffers, body = batch_layout(memoryview(data), block.offset, block, len(FIELDS), N_BUFFERS)
     if how == "offsets":  # aux_hidden_states' row 0 ends past its data buffer
-        offsets = body + buffers[2 * _FIRST_BUFFER["aux_hidden_states"] + 2]
-        data[offsets + 8:offsets + 16] = (buffers[2 * _FIRST_BUFFER["aux_hidden_states"] + 5] + 1).to_bytes(8, "little")
+        offsets = body + buffers[2 * FIRST_BUFFER["aux_hidden_states"] + 2]
+        data[offsets + 8:offsets + 16] = (buffers[2 * FIRST_BUFFER["aux_hidden_states"] + 5] + 1).to_bytes(8, "little")
     else:  # one token more than the tensors hold
-        value = body + buffers[2 * _FIRST_BUFFER["num_tokens"] + 2]
+        value = body + buffers[2 * FIRST_BUFFER["num_tokens"] + 2]
         t = int.from_bytes(data[value:value + 4], "little")
         data[value:value + 4] = (t + 1).to_bytes(4, "little")
     path.write_bytes(bytes(data))
@@ -197,7 +197,7 @@ def test_a_sample_whose_field_lies_is_named_with_its_file_and_field(ds_dir, tmp_
 
 def test_residency_sees_an_evicted_file_as_not_cached(ds_dir):
     def first_sample_cached() -> bool:
-        source = Dataset(ds_dir)._shard(0)
+        source = Dataset(ds_dir).shard_file(0)
         return source.cached(source.blocks()[0])
 
     Dataset(ds_dir)[0]["aux_hidden_states"].sum()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import STATE_FILE, latest_checkpoint, read_meta
+from trainer.checkpoint import latest_checkpoint, read_meta
+from trainer.run_layout import STATE_FILE
 from trainer.train import train
 from trainer_fixtures import run_config
 

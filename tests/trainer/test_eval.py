@@ -179,7 +179,7 @@ def test_torch_engine_accepts_as_often_as_vllm_and_gives_the_greedy_output(defau
     """The same draft, prompts and greedy float32 decoding in vLLM's EAGLE-3 proposer and in
     specmill's own loop: their acceptance lengths agree within 5%. A disagreement means one of
     them feeds the draft differently (position ids, aux layers, which hidden state comes last)."""
-    from trainer.spec_decode import run_ways
+    from trainer.evaluate import run_ways
 
     target, draft = default_draft
     prompts_path = tmp_path / "prompts.jsonl"

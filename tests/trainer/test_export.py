@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.checkpoint import STATE_FILE, latest_checkpoint
+from trainer.checkpoint import latest_checkpoint
 from trainer.export import export, export_eagle, load_exported, tensor_shapes
 from trainer.model import DraftArch, Eagle3Draft
+from trainer.run_layout import STATE_FILE
 from trainer.train import train
 from trainer_fixtures import run_config
 

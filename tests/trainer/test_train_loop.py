@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import CheckpointMismatch, META_FILE, STATE_FILE, latest_checkpoint, read_meta
+from trainer.checkpoint import CheckpointMismatch, latest_checkpoint, read_meta
+from trainer.run_layout import META_FILE, STATE_FILE
 from trainer.train import train
 from trainer_fixtures import run_config
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from shared.demo import Steps
 from shared.heldout import new_questions, prompt_rows, question
-from shared.manifest import atomic_write_bytes
+from shared.storage import atomic_write_bytes
 
 log = logging.getLogger("specmill.quality")
 

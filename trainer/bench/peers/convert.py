@@ -42,7 +42,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from shared.manifest import atomic_write_bytes
+from shared.storage import atomic_write_bytes
 from shared.shards import Dataset
 
 log = logging.getLogger("specmill.bench.peers")

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared.demo import Steps
-from shared.manifest import atomic_write_bytes
+from shared.storage import atomic_write_bytes
 
 log = logging.getLogger("specmill.bench.peers")
 
