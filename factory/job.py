@@ -171,14 +171,11 @@ class ServersConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class CaptureSettings:
-    """Where and how the target runs for hidden-state capture."""
+class CaptureSettings(CaptureConfig):
+    """How hidden states are captured and kept (CaptureConfig's fields: aux_layer_ids,
+    storage_dtype, max_batch_tokens, max_batch_size) and where and how the target runs."""
 
     dtype: str = "auto"  # the forward pass's dtype; auto: bfloat16 where native (GPU, AMX CPU), else float32
-    storage_dtype: str = "bfloat16"  # how hidden states are written
-    aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (2, L//2, L-3)
-    max_batch_tokens: int = 8192
-    max_batch_size: int = 32
     device: str = "cpu"  # "cuda" on a GPU node (with num_gpus = 1)
     num_cpus: float = 1.0  # Ray resources the capture actor holds
     num_gpus: float = 0.0
@@ -194,13 +191,13 @@ class CaptureSettings:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise JobConfigError("capture.num_cpus and capture.num_gpus must be >= 0")
         try:
-            self.capture_config()
+            CaptureConfig.__post_init__(self)  # super() needs a __class__ cell that slots=True breaks
         except ValueError as e:
             raise JobConfigError(f"capture: {e}") from None
 
     def capture_config(self) -> CaptureConfig:
-        return CaptureConfig(aux_layer_ids=self.aux_layer_ids, dtype=self.storage_dtype,
-                             max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size)
+        """The capture stage's part alone (what the capture actor is given)."""
+        return CaptureConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CaptureConfig)})
 
     def target_config(self, model: Path) -> TargetConfig:
         return TargetConfig(model=model, dtype=self.dtype, device=self.device)
