@@ -72,9 +72,10 @@ def _float(section: str, obj: Any, name: str, low: float, high: float) -> None:
 
 
 @dataclass(kw_only=True, slots=True)
-class TargetConfig:
-    """The target model: its HF directory (config.json + safetensors). Only the embedding,
-    the final norm and the lm_head are loaded from it."""
+class TargetPathConfig:
+    """[target]: where the target model is, its HF directory (config.json + safetensors). Only
+    the embedding, the final norm and the lm_head are loaded from it. (Not factory.targets.
+    TargetConfig, which says how the factory runs a whole target.)"""
 
     path: Path
 
@@ -235,7 +236,7 @@ class DistributedConfig:
 class TrainConfig:
     out: Path
     steps: int
-    target: TargetConfig
+    target: TargetPathConfig
     data: DataConfig
     draft: DraftConfig = field(default_factory=DraftConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
