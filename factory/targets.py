@@ -495,10 +495,6 @@ class HFTarget(TargetMetadata):
                 h.remove()
 
 
-def load_target(config: TargetConfig) -> HFTarget:
-    return HFTarget.load(config)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
