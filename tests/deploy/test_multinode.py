@@ -20,7 +20,7 @@ import pytest
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.job import JobConfigError, RayConfig
 from factory.prompts import write_chitchat_prompts
-from factory.tiny_models import build_tiny_causal_lm
+from tiny_models import build_tiny_causal_lm
 from shared.manifest import load_manifest
 from dataset_contents import read_back
 from ray_nodes import RayNode, cluster_env

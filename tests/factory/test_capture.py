@@ -15,7 +15,7 @@ from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import Conversation, RenderConfig, Renderer
 from factory.rows import RowFailure
 from factory.targets import HFTarget, TargetConfig, TargetError, spec_for
-from factory.tiny_models import build_tiny_causal_lm
+from tiny_models import build_tiny_causal_lm
 from shared.hardware import resolve_model_dtype
 from shared.shards import Dataset, Sample, ShardWriter
 

@@ -15,7 +15,7 @@ from factory.capture import CaptureConfig, CaptureStage
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import Conversation, RenderConfig, RenderError, Renderer, RenderStatus
 from factory.targets import HFTarget, TargetConfig
-from factory.tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
+from tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
 from shared.shards import Dataset, ShardWriter
 
 log = logging.getLogger(__name__)
