@@ -120,6 +120,7 @@ def one_node(tmp_path_factory, head, env, tiny_target, prompts) -> dict:
     return {"contents": contents(work / "out"), "report": report, "seconds": time.monotonic() - started}
 
 
+@pytest.mark.slow  # a two-node Ray cluster in subprocesses, a factory job, a node killed: minutes
 def test_a_job_survives_losing_a_node_with_every_sample_exactly_once(tmp_path, head, env, tiny_target, prompts,
                                                                      one_node):
     reference = one_node["contents"]
