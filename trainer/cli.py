@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", type=Path, required=True, help="a draft exported with `specmill export --format eagle`")
     p.add_argument("--prompts", type=Path, required=True, help='JSONL, one {"messages": [...]} per line')
     p.add_argument("--out", type=Path, required=True, help="directory for eval.json, eval.png and the vLLM logs")
-    p.add_argument("--json", dest="json_path", type=Path, default=defaults["json_path"], help="report path (default OUT/eval.json)")
+    p.add_argument("--json", dest="json_path", type=Path, default=defaults["json_path"],
+                   help="report path (default OUT/eval.json)")
     p.add_argument("--k", type=int, default=defaults["k"], help="speculative tokens per round (eagle3 and n-gram)")
     p.add_argument("--max-tokens", type=int, default=defaults["max_tokens"], help="completion tokens per prompt")
     p.add_argument("--concurrency", type=int, default=defaults["concurrency"],
