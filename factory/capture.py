@@ -47,13 +47,13 @@ def check_storage_fields(dtype: str, aux_layer_ids) -> tuple[int, int, int] | No
 
 @dataclass(kw_only=True, slots=True)
 class CaptureConfig:
-    aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (2, L//2, L-3)
-    dtype: str = "bfloat16"  # how hidden states are stored (the forward runs in the target's dtype)
+    aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (manifest.default_aux_layer_ids)
+    storage_dtype: str = "bfloat16"  # how hidden states are stored (the forward runs in the target's dtype)
     max_batch_tokens: int = 8192  # rows x longest row, per forward pass
     max_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        self.aux_layer_ids = check_storage_fields(self.dtype, self.aux_layer_ids)
+        self.aux_layer_ids = check_storage_fields(self.storage_dtype, self.aux_layer_ids)
         if self.max_batch_tokens < 1 or self.max_batch_size < 1:
             raise ValueError(f"max_batch_tokens and max_batch_size must be positive, got "
                              f"{self.max_batch_tokens} and {self.max_batch_size}")
@@ -68,9 +68,9 @@ class CaptureStage:
 
         self.target = HFTarget.load(target) if isinstance(target, TargetConfig) else target
         self.config = config
-        self.header: DatasetHeader = self.target.header(aux_layer_ids=config.aux_layer_ids, dtype=config.dtype)
+        self.header: DatasetHeader = self.target.header(aux_layer_ids=config.aux_layer_ids, dtype=config.storage_dtype)
         self.layer_ids = self.header.aux_layer_ids
-        self._dtype = getattr(torch, config.dtype)
+        self._dtype = getattr(torch, config.storage_dtype)
         self._known_good: RenderedRow | None = None  # a row that went through: proof the target works
 
     def __call__(self, rows: Sequence[RenderedRow]) -> list[Sample | RowFailure]:

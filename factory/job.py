@@ -33,9 +33,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +41,7 @@ from typing import Any
 from factory.capture import CaptureConfig
 from factory.render import RenderConfig
 from factory.targets import MODEL_DTYPES, TargetConfig
+from shared import tomlconfig
 from shared.manifest import DTYPES
 
 INPUT_FORMATS = ("auto", "messages", "sharegpt", "prompt")
@@ -62,6 +60,8 @@ class InputConfig:
     max_samples: int | None = None  # the first N input rows (malformed ones count)
 
     def __post_init__(self) -> None:
+        if self.paths is None:
+            raise JobConfigError("the job needs `input.paths` (flag --prompts)")
         self.paths = tuple(Path(p).expanduser() for p in self.paths)
         if not self.paths:
             raise JobConfigError("input.paths must name at least one JSONL or Parquet file or directory")
@@ -171,14 +171,11 @@ class ServersConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class CaptureSettings:
-    """Where and how the target runs for hidden-state capture."""
+class CaptureSettings(CaptureConfig):
+    """How hidden states are captured and kept (CaptureConfig's fields: aux_layer_ids,
+    storage_dtype, max_batch_tokens, max_batch_size) and where and how the target runs."""
 
     dtype: str = "auto"  # the forward pass's dtype; auto: bfloat16 where native (GPU, AMX CPU), else float32
-    storage_dtype: str = "bfloat16"  # how hidden states are written
-    aux_layer_ids: tuple[int, int, int] | None = None  # None: the target's default (2, L//2, L-3)
-    max_batch_tokens: int = 8192
-    max_batch_size: int = 32
     device: str = "cpu"  # "cuda" on a GPU node (with num_gpus = 1)
     num_cpus: float = 1.0  # Ray resources the capture actor holds
     num_gpus: float = 0.0
@@ -194,13 +191,13 @@ class CaptureSettings:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise JobConfigError("capture.num_cpus and capture.num_gpus must be >= 0")
         try:
-            self.capture_config()
+            CaptureConfig.__post_init__(self)  # super() needs a __class__ cell that slots=True breaks
         except ValueError as e:
             raise JobConfigError(f"capture: {e}") from None
 
     def capture_config(self) -> CaptureConfig:
-        return CaptureConfig(aux_layer_ids=self.aux_layer_ids, dtype=self.storage_dtype,
-                             max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size)
+        """The capture stage's part alone (what the capture actor is given)."""
+        return CaptureConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CaptureConfig)})
 
     def target_config(self, model: Path) -> TargetConfig:
         return TargetConfig(model=model, dtype=self.dtype, device=self.device)
@@ -214,6 +211,8 @@ class OutputConfig:
     commit_interval_s: float = 60.0  # ... or seconds, whichever comes first
 
     def __post_init__(self) -> None:
+        if self.dir is None:
+            raise JobConfigError("the job needs `output.dir` (flag --out)")
         scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", str(self.dir))  # "s3://b" is "s3:/b" once a Path
         if scheme and scheme.group(1) == "file":
             self.dir = re.sub(r"^file:/+", "/", str(self.dir))
@@ -274,6 +273,8 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            raise JobConfigError("the job needs `model` (flag --model)")
         self.model = Path(self.model).expanduser()
         if not (self.model / "config.json").is_file():
             raise JobConfigError(f"model must be a local model directory with a config.json; {self.model} has none "
@@ -298,101 +299,16 @@ def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None
     """The job in the TOML file at `path` (if any), with `overrides` ({"section.key": value},
     None values ignored) applied on top. The one place a job's settings are read."""
     table: dict[str, Any] = {}
-    base = Path.cwd()
     if path is not None:
         path = Path(path)
-        try:
-            table = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise JobConfigError(f"{path}: no such job file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise JobConfigError(f"{path}: not valid TOML ({e})") from None
-        base = path.parent
-        table = _resolve_paths(table, base)
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        *sections, key = dotted.split(".")
-        node = table
-        for s in sections:
-            node = node.setdefault(s, {})
-        node[key] = value
-    where = str(path) if path is not None else "flags"
-    for required in ("model", "input", "output"):
-        if required not in table:
-            hint = {"model": "--model", "input": "--prompts", "output": "--out"}[required]
-            raise JobConfigError(f"{where}: the job needs `{required}` (flag {hint})")
-    return _build(JobConfig, table, "")
+        table = tomlconfig.read_table(path, JobConfigError)
+        tomlconfig.resolve_paths(table, _PATH_KEYS, path.parent)
+    tomlconfig.apply_overrides(table, overrides, JobConfigError)
+    return tomlconfig.build(JobConfig, table, error=JobConfigError, source=str(path) if path is not None else "flags")
 
 
-def _resolve_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
-    def rel(p: str) -> str:
-        if "://" in p:
-            return p  # a URI: Path() would fold its "//"; OutputConfig says what it supports
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else base / q)
-
-    out = dict(table)
-    if isinstance(out.get("model"), str):
-        out["model"] = rel(out["model"])
-    if isinstance(out.get("input"), dict) and isinstance(out["input"].get("paths"), list):
-        out["input"] = {**out["input"], "paths": [rel(p) if isinstance(p, str) else p for p in out["input"]["paths"]]}
-    if isinstance(out.get("output"), dict) and isinstance(out["output"].get("dir"), str):
-        out["output"] = {**out["output"], "dir": rel(out["output"]["dir"])}
-    return out
-
-
-def _build(cls: type, table: Any, prefix: str) -> Any:
-    """A dataclass from a TOML table, checking keys and value types, naming `section.key`."""
-    name = prefix.rstrip(".") or "the job"
-    if not isinstance(table, dict):
-        raise JobConfigError(f"{name} must be a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise JobConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; {name} takes "
-                             f"{', '.join(sorted(known))}")
-    kwargs = {k: _convert(hints[k], v, prefix + k) for k, v in table.items()}
-    try:
-        return cls(**kwargs)
-    except JobConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise JobConfigError(f"{name}: {e}") from None
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise JobConfigError(f"{key} must be a list, got {value!r}")
-        inner = args[0]
-        return tuple(_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise JobConfigError(f"{key} must be a table, got {value!r}")
-        return dict(value)
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise JobConfigError(f"{key} must be a path string, got {value!r}")
-        return Path(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise JobConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint in (int, bool, str):
-        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
-            raise JobConfigError(f"{key} must be {'an' if hint is int else 'a'} {hint.__name__}, got {value!r}")
-        return value
-    return value
+# Relative paths in a job file are relative to the file.
+_PATH_KEYS = ("model", "input.paths", "output.dir")
 
 
 def _unit_hash(text: str) -> float:

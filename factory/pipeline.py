@@ -355,6 +355,22 @@ def build_pipeline(job: JobConfig, *, media: MediaPaths) -> Pipeline:
                     server_slots=slots, timings=timings)
 
 
+@dataclass(kw_only=True, slots=True)
+class _Flow:
+    """The driver loop's state: what is in flight where, and what waits for the next stage."""
+
+    source: Iterator[Prompt | QuarantineRecord]  # the prompts not yet done
+    exhausted: bool = False  # the source has given its last prompt
+    # ref -> (stage, its input, actor, attempt)
+    in_flight: dict[Any, tuple[str, list[Any], int, int]] = field(default_factory=dict)
+    # sample id -> prompt, from read until written or quarantined
+    meta: dict[str, Prompt] = field(default_factory=dict)
+    waiting: list[RenderedRow] = field(default_factory=list)  # rendered, not yet sent to capture
+    turn: int = 0  # round-robin position over the resample actors
+    capture_turn: int = 0  # ... and over the capture actors
+    last_commit: float = field(default_factory=time.monotonic)
+
+
 class _Driver:
     """The driver loop: feed the resamplers, batch rows for capture, write, commit."""
 
@@ -390,88 +406,98 @@ class _Driver:
         return report
 
     def _loop(self, out: JobOutput, progress: Progress, done: set[str], quarantined: set[tuple[str, int]]) -> None:
-        import ray
-
-        cfg = self.job.ray
-        lost_work = _lost_work_errors()
-        source = self._prompts(done, quarantined, progress)
-        exhausted = False
-        in_flight: dict[Any, tuple[str, list[Any], int, int]] = {}  # ref -> (stage, its input, actor, attempt)
-        meta: dict[str, Prompt] = {}  # sample id -> prompt, from read until written or quarantined
-        waiting: list[RenderedRow] = []  # rendered, not yet sent to capture
-        turn = capture_turn = 0
-        last_commit = time.monotonic()
-
         def quarantine(record: QuarantineRecord) -> None:
             out.quarantine(record)
             progress.quarantined += 1
 
-        def submit(stage: str, inputs: list[Any], actor: int, attempt: int = 0) -> None:
-            actors = self.p.resamplers if stage == "resample" else self.p.captures
-            actor %= len(actors)
-            in_flight[actors[actor].run.remote(inputs)] = (stage, inputs, actor, attempt)
-
+        flow = _Flow(source=self._prompts(done, quarantined, progress))
         while True:
-            while not exhausted and len(meta) + cfg.batch_size <= self.max_in_flight:
-                batch: list[Prompt] = []
-                for item in source:
-                    if isinstance(item, QuarantineRecord):
-                        quarantine(item)
-                        continue
-                    batch.append(item)
-                    if len(batch) == cfg.batch_size:
-                        break
-                else:
-                    exhausted = True
-                if batch:
-                    for prompt in batch:
-                        meta[prompt.sample_id] = prompt
-                    submit("resample", batch, turn)
-                    turn += 1
-            resampling = any(stage == "resample" for stage, *_ in in_flight.values())
-            capturing = sum(stage == "capture" for stage, *_ in in_flight.values())
-            # Two batches per capture actor: one running, one queued behind it.
-            while waiting and capturing < 2 * len(self.p.captures) and (
-                    len(waiting) >= cfg.capture_batch or capturing == 0 or (exhausted and not resampling)):
-                rows, waiting = waiting[:cfg.capture_batch], waiting[cfg.capture_batch:]
-                submit("capture", rows, capture_turn)
-                capture_turn += 1
-                capturing += 1
-            if not in_flight:
-                if exhausted and not waiting:
+            self._read_prompts(flow, quarantine)
+            self._send_captures(flow)
+            if not flow.in_flight:
+                if flow.exhausted and not flow.waiting:
                     break
                 continue
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                stage, inputs, actor, attempt = in_flight.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except lost_work as e:
-                    # The actor or its node went away with the task (Ray does not retry a task whose
-                    # actor became unreachable). Stages are pure and the driver alone writes, so
-                    # running the batch again on the next actor cannot duplicate a sample.
-                    if attempt >= cfg.actor_max_restarts:
-                        raise FactoryError(f"the {stage} stage lost samples {[x.sample_id for x in inputs][:4]}... "
-                                           f"{attempt + 1} times; last: {e}") from e
-                    log.warning("%s batch lost with its actor (%s); running it again on another actor",
-                                stage, type(e).__name__)
-                    submit(stage, inputs, actor + 1, attempt + 1)
-                    continue
-                except ray.exceptions.RayError as e:
-                    raise FactoryError(f"the {stage} stage failed on samples "
-                                       f"{[x.sample_id for x in inputs][:4]}...: {e}") from e
-                if stage == "resample":
-                    for outcome in results:
-                        self._resampled(outcome, meta, waiting, progress, quarantine)
-                else:
-                    for result in results:
-                        self._captured(result, out, meta, progress, quarantine)
-            if out.uncommitted >= self.job.output.commit_every or (
-                    out.uncommitted and time.monotonic() - last_commit >= self.job.output.commit_interval_s):
-                out.commit()
-                last_commit = time.monotonic()
+            self._collect(flow, out, progress, quarantine)
+            self._commit_if_due(flow, out)
             progress.tick()
         out.commit()
+
+    def _submit(self, flow: _Flow, stage: str, inputs: list[Any], actor: int, attempt: int = 0) -> None:
+        """Send a batch to a stage's actor (round-robin by `actor`)."""
+        actors = self.p.resamplers if stage == "resample" else self.p.captures
+        actor %= len(actors)
+        flow.in_flight[actors[actor].run.remote(inputs)] = (stage, inputs, actor, attempt)
+
+    def _read_prompts(self, flow: _Flow, quarantine) -> None:
+        """Read prompts into resample batches while fewer than max_in_flight samples are out."""
+        cfg = self.job.ray
+        while not flow.exhausted and len(flow.meta) + cfg.batch_size <= self.max_in_flight:
+            batch: list[Prompt] = []
+            for item in flow.source:
+                if isinstance(item, QuarantineRecord):
+                    quarantine(item)
+                    continue
+                batch.append(item)
+                if len(batch) == cfg.batch_size:
+                    break
+            else:
+                flow.exhausted = True
+            if batch:
+                for prompt in batch:
+                    flow.meta[prompt.sample_id] = prompt
+                self._submit(flow, "resample", batch, flow.turn)
+                flow.turn += 1
+
+    def _send_captures(self, flow: _Flow) -> None:
+        """Send waiting rows to capture: full batches, or a partial one when capture would idle."""
+        cfg = self.job.ray
+        resampling = any(stage == "resample" for stage, *_ in flow.in_flight.values())
+        capturing = sum(stage == "capture" for stage, *_ in flow.in_flight.values())
+        # Two batches per capture actor: one running, one queued behind it.
+        while flow.waiting and capturing < 2 * len(self.p.captures) and (
+                len(flow.waiting) >= cfg.capture_batch or capturing == 0 or (flow.exhausted and not resampling)):
+            rows, flow.waiting = flow.waiting[:cfg.capture_batch], flow.waiting[cfg.capture_batch:]
+            self._submit(flow, "capture", rows, flow.capture_turn)
+            flow.capture_turn += 1
+            capturing += 1
+
+    def _collect(self, flow: _Flow, out: JobOutput, progress: Progress, quarantine) -> None:
+        """Wait up to a second for a finished batch and take in its results."""
+        import ray
+
+        ready, _ = ray.wait(list(flow.in_flight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            stage, inputs, actor, attempt = flow.in_flight.pop(ref)
+            try:
+                results = ray.get(ref)
+            except _lost_work_errors() as e:
+                # The actor or its node went away with the task (Ray does not retry a task whose
+                # actor became unreachable). Stages are pure and the driver alone writes, so
+                # running the batch again on the next actor cannot duplicate a sample.
+                if attempt >= self.job.ray.actor_max_restarts:
+                    raise FactoryError(f"the {stage} stage lost samples {[x.sample_id for x in inputs][:4]}... "
+                                       f"{attempt + 1} times; last: {e}") from e
+                log.warning("%s batch lost with its actor (%s); running it again on another actor",
+                            stage, type(e).__name__)
+                self._submit(flow, stage, inputs, actor + 1, attempt + 1)
+                continue
+            except ray.exceptions.RayError as e:
+                raise FactoryError(f"the {stage} stage failed on samples "
+                                   f"{[x.sample_id for x in inputs][:4]}...: {e}") from e
+            if stage == "resample":
+                for outcome in results:
+                    self._resampled(outcome, flow.meta, flow.waiting, progress, quarantine)
+            else:
+                for result in results:
+                    self._captured(result, out, flow.meta, progress, quarantine)
+
+    def _commit_if_due(self, flow: _Flow, out: JobOutput) -> None:
+        """Commit every commit_every samples or commit_interval_s seconds, whichever comes first."""
+        if out.uncommitted >= self.job.output.commit_every or (
+                out.uncommitted and time.monotonic() - flow.last_commit >= self.job.output.commit_interval_s):
+            out.commit()
+            flow.last_commit = time.monotonic()
 
     def _resampled(self, outcome: Outcome, meta: dict[str, Prompt], waiting: list[RenderedRow],
                    progress: Progress, quarantine) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.hardware import resolve_model_dtype
-from shared.manifest import DTYPES, DatasetHeader, TargetInfo
+from shared.manifest import DTYPES, DatasetHeader, TargetInfo, default_aux_layer_ids
 
 if TYPE_CHECKING:
     import torch
@@ -218,11 +218,6 @@ def spec_for(model_type: str, *, family: str | None = None) -> TargetSpec:
     known = sorted(t for s in SPECS for t in s.model_types)
     raise TargetError(f"no target spec serves model_type {model_type!r} (known: {', '.join(known)}); add a "
                       f"TargetSpec to factory.targets.SPECS, or set family= if it is built like a known one")
-
-
-def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """vLLM's EAGLE-3 default: early, middle and late residual streams."""
-    return (2, num_layers // 2, num_layers - 3)
 
 
 # --------------------------------------------------------------------------- config
@@ -498,10 +493,6 @@ class HFTarget(TargetMetadata):
         finally:
             for h in handles:
                 h.remove()
-
-
-def load_target(config: TargetConfig) -> HFTarget:
-    return HFTarget.load(config)
 
 
 # --------------------------------------------------------------------------- helpers

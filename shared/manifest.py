@@ -28,6 +28,12 @@ LAST_HIDDEN_STATES = ("pre_norm", "post_norm")
 DTYPES = ("bfloat16", "float16")
 
 
+def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """vLLM's EAGLE-3 default for a `num_layers`-layer target: early, middle and late
+    residual streams. The one place this formula lives."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
 class ManifestError(ValueError):
     """A manifest that is missing, malformed or incompatible; the message names the file."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from shared.manifest import DatasetHeader, Manifest, TargetInfo
+from shared.manifest import DatasetHeader, Manifest, TargetInfo, default_aux_layer_ids
 from shared.shards import DEFAULT_SHARD_BYTES, Sample, ShardWriter
 
 
@@ -46,7 +46,7 @@ class SynthConfig:
                               num_hidden_layers=self.num_layers),
             hidden_size=self.hidden_size,
             dtype=self.dtype,
-            aux_layer_ids=(2, self.num_layers // 2, self.num_layers - 3),
+            aux_layer_ids=default_aux_layer_ids(self.num_layers),
         )
 
 

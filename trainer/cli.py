@@ -7,6 +7,7 @@ dataclass defaults in trainer/config.py), so no default lives here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculators: draft length the config declares (default: the run's TTT steps)")
     p.set_defaults(func=_cmd_export)
 
+    from trainer.evaluate import DTYPES as EVAL_DTYPES, ENGINES, EvalConfig
+
+    # The flags' defaults are EvalConfig's, not copies of them.
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
     p = sub.add_parser("eval", help="measure a draft in vLLM against no speculation and the n-gram proposer",
                        description="Serve the target three ways (no speculation, the EAGLE-3 draft, vLLM's n-gram "
                                    "proposer) on the same prompts, greedy; report acceptance length, tokens per "
@@ -72,14 +77,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", type=Path, required=True, help="a draft exported with `specmill export --format eagle`")
     p.add_argument("--prompts", type=Path, required=True, help='JSONL, one {"messages": [...]} per line')
     p.add_argument("--out", type=Path, required=True, help="directory for eval.json, eval.png and the vLLM logs")
-    p.add_argument("--json", dest="json_path", type=Path, default=None, help="report path (default OUT/eval.json)")
-    p.add_argument("--k", type=int, default=3, help="speculative tokens per round (eagle3 and n-gram)")
-    p.add_argument("--max-tokens", type=int, default=64, help="completion tokens per prompt")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (1 = sequential, batch 1)")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default=None,
+    p.add_argument("--json", dest="json_path", type=Path, default=defaults["json_path"],
+                   help="report path (default OUT/eval.json)")
+    p.add_argument("--k", type=int, default=defaults["k"], help="speculative tokens per round (eagle3 and n-gram)")
+    p.add_argument("--max-tokens", type=int, default=defaults["max_tokens"], help="completion tokens per prompt")
+    p.add_argument("--concurrency", type=int, default=defaults["concurrency"],
+                   help="requests in flight (1 = sequential, batch 1)")
+    p.add_argument("--dtype", choices=EVAL_DTYPES, default=defaults["dtype"],
                    help="model dtype (default: for vllm auto = bfloat16 on GPUs and CPUs with AMX/AVX512-BF16, "
                         "float32 on other CPUs; float32 for torch)")
-    p.add_argument("--engine", choices=("vllm", "torch"), default="vllm",
+    p.add_argument("--engine", choices=ENGINES, default=defaults["engine"],
                    help="vllm: the vLLM server; torch: specmill's own PyTorch speculative loop (batch 1)")
     p.set_defaults(func=_cmd_eval)
 

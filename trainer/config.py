@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared import tomlconfig
 from shared.hardware import bf16_is_native
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,9 +72,10 @@ def _float(section: str, obj: Any, name: str, low: float, high: float) -> None:
 
 
 @dataclass(kw_only=True, slots=True)
-class TargetConfig:
-    """The target model: its HF directory (config.json + safetensors). Only the embedding,
-    the final norm and the lm_head are loaded from it."""
+class TargetPathConfig:
+    """[target]: where the target model is, its HF directory (config.json + safetensors). Only
+    the embedding, the final norm and the lm_head are loaded from it. (Not factory.targets.
+    TargetConfig, which says how the factory runs a whole target.)"""
 
     path: Path
 
@@ -107,7 +109,7 @@ class DataConfig:
     # temperatures (the shards' `temperature` column), e.g. [0.0] for greedy answers only
     # when the draft will serve greedy decoding; None = every sample. The draft vocab is
     # still counted over the whole data set (the manifest's token counts).
-    temperatures: tuple[float, ...] | None = None
+    temperatures: tuple[float, ...] | float | None = None  # one number: that temperature alone
 
     def __post_init__(self) -> None:
         if self.path is None or str(self.path) == "":
@@ -234,7 +236,7 @@ class DistributedConfig:
 class TrainConfig:
     out: Path
     steps: int
-    target: TargetConfig
+    target: TargetPathConfig
     data: DataConfig
     draft: DraftConfig = field(default_factory=DraftConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
@@ -282,27 +284,14 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     """Build the TrainConfig from a TOML file (optional) and dotted overrides
     (`{"data.path": ..., "steps": 100}`), which win over the file."""
     raw: dict[str, Any] = {}
-    base = Path.cwd()
     source = "command line"
     if path is not None:
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        base, source = path.resolve().parent, str(path)
-        _resolve_paths(raw, base)
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {p} is not a section")
-        node[leaf] = value
-    return _build(TrainConfig, raw, prefix="", source=source)
+        raw = tomlconfig.read_table(path, ConfigError)
+        tomlconfig.resolve_paths(raw, _PATH_KEYS, path.resolve().parent)
+        source = str(path)
+    tomlconfig.apply_overrides(raw, overrides, ConfigError)
+    return tomlconfig.build(TrainConfig, raw, error=ConfigError, source=source, term="field")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -319,51 +308,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # --------------------------------------------------------------------------- internals
 
-_PATH_KEYS = (("out",), ("target", "path"), ("data", "path"), ("draft", "init"))
+# Relative paths in a TOML file are relative to that file.
+_PATH_KEYS = ("out", "target.path", "data.path", "draft.init")
 
 
 def is_uri(path: Any) -> bool:
     """`s3://bucket/x` and the like; Path() would fold its `//` and break it."""
     return isinstance(path, str) and "://" in path
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    for keys in _PATH_KEYS:
-        node = raw
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and not is_uri(node[keys[-1]]):
-            p = Path(node[keys[-1]]).expanduser()
-            node[keys[-1]] = p if p.is_absolute() else base / p
-
-
-def _build(cls: type, raw: dict[str, Any], *, prefix: str, source: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(prefix + u for u in unknown)}; "
-                          f"known in this section: {', '.join(prefix + f for f in fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        sub = _SECTIONS.get(name) if cls is TrainConfig else None
-        if sub is not None:
-            if name in raw or f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                kwargs[name] = _build(sub, raw.get(name, {}), prefix=f"{name}.", source=source)
-        elif name in raw:
-            value = raw[name]
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            kwargs[name] = None  # __post_init__ says which setting or flag supplies it
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a value of the wrong kind reached a comparison
-        raise ConfigError(f"{source}: bad value in [{prefix.rstrip('.') or 'top level'}]: {e}") from None
-
-
-_SECTIONS = {"target": TargetConfig, "data": DataConfig, "draft": DraftConfig, "ttt": TTTConfig,
-             "optim": OptimConfig, "checkpoint": CheckpointConfig, "distributed": DistributedConfig}
 
 
 def _jsonable(x: Any) -> Any:

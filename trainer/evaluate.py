@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.hardware import local_device, resolve_model_dtype
+from shared.manifest import default_aux_layer_ids
 from trainer.engine import VllmEngine
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ def aux_layer_ids(draft_dir: Path, num_layers: int) -> tuple[int, ...]:
     """The export's eagle_aux_hidden_state_layer_ids, else vLLM's default (2, L//2, L-3)."""
     cfg = json.loads((draft_dir / "config.json").read_text())
     ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
-        or (2, num_layers // 2, num_layers - 3)
+        or default_aux_layer_ids(num_layers)
     if len(ids) != 3 or not all(0 <= i < num_layers for i in ids):
         raise ValueError(f"{draft_dir}/config.json: eagle_aux_hidden_state_layer_ids {ids} must be 3 ids in "
                          f"[0, {num_layers}) for this {num_layers}-layer target")

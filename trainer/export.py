@@ -211,10 +211,6 @@ def export(checkpoint: Path, out: Path, *, format: str, dtype: str = "bfloat16",
     return Path(out)
 
 
-def export_eagle(checkpoint: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
-    return export(checkpoint, out, format="eagle", dtype=dtype)
-
-
 # The decoder layer's name in each layout (every other tensor is named alike).
 EAGLE_LAYER, SPECULATORS_LAYER = "midlayer.", "layers.0."
 

@@ -131,6 +131,15 @@ PageOffset = Annotated[int, Query(ge=0, le=1 << 40)]
 
 
 def _routes(app: FastAPI, settings: ServiceSettings) -> None:
+    """Every route, in this order: jobs, a job's output, the service's own."""
+    _job_routes(app, settings)
+    _output_routes(app)
+    _service_routes(app)
+
+
+def _job_routes(app: FastAPI, settings: ServiceSettings) -> None:
+    """Submit, list, read and cancel jobs."""
+
     @app.post("/v1/jobs", status_code=201, response_model=JobPublic, tags=["jobs"],
               responses={**_ERRORS, 200: {"model": JobPublic, "description": "a retried submit: the same job"},
                          400: {"model": ErrorDetail, "description": "the body is not JSON"},
@@ -183,6 +192,10 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
             log.info("job %s: cancel requested", job.id)
         return JobPublic.from_row(job)
 
+
+def _output_routes(app: FastAPI) -> None:
+    """What a job has written: its manifest and its quarantined rows."""
+
     @app.get("/v1/jobs/{job_id}/manifest", tags=["jobs"],
              responses={**_ERRORS, 200: {"description": "the data set's manifest.json (shared/manifest.py)",
                                          "content": {"application/json": {"schema": {"type": "object"}}}}})
@@ -199,6 +212,10 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
                        ) -> QuarantinePage:
         total, items = _quarantine_page(Path(job.out_dir), offset, limit)
         return QuarantinePage(total=total, offset=offset, limit=limit, items=items)
+
+
+def _service_routes(app: FastAPI) -> None:
+    """Health and Prometheus metrics."""
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz(request: Request) -> Health:

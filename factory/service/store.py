@@ -172,9 +172,6 @@ class JobStore:
 
     # ----------------------------------------------------------------- queries
 
-    def ping(self) -> None:
-        self._query("SELECT 1")
-
     def create(self, *, owner: str, idempotency_key: str | None, request_sha256: str, spec: dict[str, Any],
                out_dir: str, job_id: str) -> tuple[JobRow, bool]:
         """Insert a queued job; with a key already used by this owner, the earlier job and False."""

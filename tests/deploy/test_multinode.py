@@ -20,7 +20,7 @@ import pytest
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.job import JobConfigError, RayConfig
 from factory.prompts import write_chitchat_prompts
-from factory.tiny_models import build_tiny_causal_lm
+from tiny_models import build_tiny_causal_lm
 from shared.manifest import load_manifest
 from dataset_contents import read_back
 from ray_nodes import RayNode, cluster_env
@@ -120,6 +120,7 @@ def one_node(tmp_path_factory, head, env, tiny_target, prompts) -> dict:
     return {"contents": contents(work / "out"), "report": report, "seconds": time.monotonic() - started}
 
 
+@pytest.mark.slow  # a two-node Ray cluster in subprocesses, a factory job, a node killed: minutes
 def test_a_job_survives_losing_a_node_with_every_sample_exactly_once(tmp_path, head, env, tiny_target, prompts,
                                                                      one_node):
     reference = one_node["contents"]

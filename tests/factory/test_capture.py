@@ -15,7 +15,7 @@ from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import Conversation, RenderConfig, Renderer
 from factory.rows import RowFailure
 from factory.targets import HFTarget, TargetConfig, TargetError, spec_for
-from factory.tiny_models import build_tiny_causal_lm
+from tiny_models import build_tiny_causal_lm
 from shared.hardware import resolve_model_dtype
 from shared.shards import Dataset, Sample, ShardWriter
 
@@ -139,7 +139,7 @@ def test_batched_capture_equals_one_row_at_a_time_in_bfloat16(smollm_dir, smollm
 @pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
 def test_samples_round_trip_through_a_shard_writer(smollm32, tmp_path, dtype, torch_dtype):
     rows = rendered(smollm32, 2)
-    stage = CaptureStage(smollm32, CaptureConfig(dtype=dtype, aux_layer_ids=(1, 10, 30)))
+    stage = CaptureStage(smollm32, CaptureConfig(storage_dtype=dtype, aux_layer_ids=(1, 10, 30)))
     samples = stage(rows)
     assert [s.source_index for s in samples] == [0, 1]
     with ShardWriter(tmp_path, stage.header) as writer:

@@ -15,7 +15,7 @@ from factory.capture import CaptureConfig, CaptureStage
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import Conversation, RenderConfig, RenderError, Renderer, RenderStatus
 from factory.targets import HFTarget, TargetConfig
-from factory.tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
+from tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
 from shared.shards import Dataset, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,13 @@ def render_all(target: HFTarget, conversations, **config):
 def assert_batched_equals_single(target: HFTarget, rows) -> dict[str, float]:
     batched = CaptureStage(target, CaptureConfig()).hidden_states(rows)
     single = CaptureStage(target, CaptureConfig(max_batch_size=1)).hidden_states(rows)
-    for (a, l, p), (a1, l1, p1) in zip(batched, single):
+    assert rows and len(batched) == len(single) == len(rows)
+    for (a, l, p), (a1, l1, p1) in zip(batched, single, strict=True):
         torch.testing.assert_close(a, a1, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(l, l1, rtol=1e-5, atol=1e-5)
         assert (p is None and p1 is None) or torch.equal(p, p1)
-    return {"aux": max((x[0] - y[0]).abs().max().item() for x, y in zip(batched, single)),
-            "last": max((x[1] - y[1]).abs().max().item() for x, y in zip(batched, single))}
+    return {"aux": max((x[0] - y[0]).abs().max().item() for x, y in zip(batched, single, strict=True)),
+            "last": max((x[1] - y[1]).abs().max().item() for x, y in zip(batched, single, strict=True))}
 
 
 # --------------------------------------------------------------------------- images
@@ -113,7 +114,7 @@ def test_image_placeholders_expand_to_the_vision_token_count_and_are_not_learned
     for row in rows:
         ids, mask = row.input_ids, row.loss_mask
         assert [m.kind for m in row.media] == [k for k, _, _ in row.modality_spans]
-        for (kind, start, end), item in zip(row.modality_spans, row.media):
+        for (kind, start, end), item in zip(row.modality_spans, row.media, strict=True):
             grid = item.tensors["image_grid_thw"][0]
             assert end - start == item.num_tokens == int(grid.prod()) // 4  # 2x2 patches merge into a token
             assert (ids[start:end] == pad).all() and mask[start:end].sum() == 0
@@ -128,7 +129,7 @@ def test_image_placeholders_expand_to_the_vision_token_count_and_are_not_learned
 def test_vlm_position_ids_are_the_models_mrope_positions(vlm):
     rows = render_all(vlm, image_rows())
     samples = CaptureStage(vlm, CaptureConfig()).__call__(rows)
-    for row, sample in zip(rows, samples):
+    for row, sample in zip(rows, samples, strict=True):
         assert sample.position_ids.shape == (3, row.num_tokens) and sample.position_ids.dtype == torch.int32
         assert sample.modality_spans == row.modality_spans
     # Text-only row: plain positions on all three axes.
@@ -146,7 +147,7 @@ def test_mixed_text_and_image_batch_equals_the_models_own_forward_and_single_row
     log.info("%s batched vs single, float32: %s", vlm.config.model.name, diffs)
     # Against transformers' own path: it builds mRoPE positions and merges image features itself.
     captured = CaptureStage(vlm, CaptureConfig()).hidden_states(rows)
-    for row, (aux, last, _) in zip(rows, captured):
+    for row, (aux, last, _) in zip(rows, captured, strict=True):
         token_types = torch.zeros_like(row.input_ids)
         for _, start, end in row.modality_spans:
             token_types[start:end] = 1
@@ -227,7 +228,7 @@ def test_mixed_text_and_audio_batch_equals_the_models_own_forward_and_single_row
     diffs = assert_batched_equals_single(audio_lm, rows)
     log.info("qwen2-audio batched vs single, float32: %s", diffs)
     captured = CaptureStage(audio_lm, CaptureConfig()).hidden_states(rows)
-    for row, (aux, last, positions) in zip(rows, captured):
+    for row, (aux, last, positions) in zip(rows, captured, strict=True):
         assert positions is None
         keys = ("input_features", "feature_attention_mask")
         media = {k: torch.cat([m.tensors[k] for m in row.media]) for k in keys} if row.media else {}
@@ -254,10 +255,11 @@ def test_audio_outside_the_encoders_range_is_rejected(audio_lm, seconds, reason)
 def round_trip(target: HFTarget, conversations, directory: Path) -> None:
     stage = CaptureStage(target, CaptureConfig())
     samples = stage(render_all(target, conversations))
+    assert samples and len(samples) == len(conversations)
     with ShardWriter(directory, stage.header) as writer:
         for s in samples:
             writer.add(s)
-    for s, got in zip(samples, Dataset(directory)):
+    for s, got in zip(samples, Dataset(directory), strict=True):
         assert got["modality_spans"] == s.modality_spans
         assert torch.equal(got["aux_hidden_states"], s.aux_hidden_states)
         if s.position_ids is None:

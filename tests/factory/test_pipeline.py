@@ -261,7 +261,7 @@ def test_factory_run_reads_image_files_as_the_users_own_wherever_they_are(tmp_pa
     and captured. The same file made a decompression bomb is refused where the renderer opens it."""
     from PIL import Image
 
-    from factory.tiny_models import build_tiny_qwen2_vl
+    from tiny_models import build_tiny_qwen2_vl
 
     vlm = build_tiny_qwen2_vl(tmp_path / "tiny-vl", tokenizer_dir=smollm_dir)
     pictures = tmp_path / "my-pictures"

@@ -147,6 +147,7 @@ def reference(service, smollm_dir) -> dict:
     return {"job": done, "contents": contents(Path(done["out"]))}
 
 
+@pytest.mark.slow  # the service and a Ray cluster in their own processes, real jobs run through them
 def test_a_submitted_job_runs_on_ray_to_succeeded_with_progress_manifest_and_quarantine(service, reference):
     job = reference["job"]
     assert job["state"] == "succeeded" and job["attempts"] == 1 and job["error"] is None, job
@@ -164,6 +165,7 @@ def test_a_submitted_job_runs_on_ray_to_succeeded_with_progress_manifest_and_qua
     assert TOKEN not in service.log.read_text()
 
 
+@pytest.mark.slow  # the service and a Ray cluster in their own processes, real jobs run through them
 def test_a_service_killed_mid_job_finds_the_job_still_running_and_it_finishes_exactly_once(
         service, smollm_dir, reference):
     job = service.submit(**job_spec(service, smollm_dir, "restart"))
@@ -175,6 +177,7 @@ def test_a_service_killed_mid_job_finds_the_job_still_running_and_it_finishes_ex
     assert contents(Path(done["out"])) == reference["contents"]
 
 
+@pytest.mark.slow  # the service and a Ray cluster in their own processes, real jobs run through them
 def test_a_job_whose_ray_cluster_died_is_resumed_as_a_new_attempt_exactly_once(service, smollm_dir, reference):
     job = service.submit(**job_spec(service, smollm_dir, "cluster-lost"))
     mid_run(Path(job["out"]))
@@ -189,6 +192,7 @@ def test_a_job_whose_ray_cluster_died_is_resumed_as_a_new_attempt_exactly_once(s
     assert contents(Path(done["out"])) == reference["contents"]
 
 
+@pytest.mark.slow  # the service and a Ray cluster in their own processes, real jobs run through them
 def test_cancelling_a_running_job_stops_it_and_the_next_queued_job_starts(service, smollm_dir, reference):
     first = service.submit(**job_spec(service, smollm_dir, "cancelled", max_samples=40))
     second = service.submit(**job_spec(service, smollm_dir, "after-cancel", max_samples=4))

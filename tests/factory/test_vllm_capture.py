@@ -17,7 +17,7 @@ from factory.capture import CaptureConfig, CaptureStage
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.render import RenderedRow
 from factory.targets import HFTarget, TargetConfig, TargetError
-from factory.tiny_models import build_tiny_qwen2_vl
+from tiny_models import build_tiny_qwen2_vl
 from factory.vllm_capture import CONNECTOR_CLASS, VllmCaptureConfig, VllmCaptureStage, VllmTarget, _take_file
 
 log = logging.getLogger(__name__)

@@ -63,7 +63,8 @@ def _same_dataset(uri: str, reference: Path) -> None:
     assert [s.sha256 for s in got.manifest.shards] == [s.sha256 for s in want.manifest.shards]
     assert got.manifest.token_counts == want.manifest.token_counts and got.manifest.complete
     order = want.sample_order(seed=3)
-    for i, streamed in zip(order, got.stream(order)):
+    assert len(order) == CONFIG.samples > 0
+    for i, streamed in zip(order, got.stream(order), strict=True):
         for sample in (got[int(i)], streamed):
             expected = want[int(i)]
             for key, value in expected.items():

@@ -58,6 +58,7 @@ def ddp_run(tmp_path_factory, synth_data, tiny_target) -> Path:
     return out
 
 
+@pytest.mark.slow  # torchrun starts two training processes
 def test_two_ranks_train_like_one_rank_with_the_same_global_batch(ddp_run, tmp_path, synth_data, tiny_target):
     """2 ranks x 1 micro-batch and 1 rank x 2 micro-batches: the same micro-batches per step
     (one global stream), gradients averaged alike, so the same losses and weights (up to the
@@ -70,6 +71,7 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(ddp_run, tmp_p
     assert_same_weights(weights(ddp_run), weights(single))
 
 
+@pytest.mark.slow  # torchrun starts two training processes
 def test_fsdp_trains_and_resumes_like_ddp(ddp_run, tmp_path, synth_data, tiny_target):
     out = tmp_path / "fsdp"
     torchrun(out, synth_data, tiny_target, "distributed.strategy=fsdp", f"stop_after={STEPS // 2}")

@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 
 from trainer.checkpoint import latest_checkpoint
-from trainer.export import export, export_eagle, load_exported, tensor_shapes
+from trainer.export import export, load_exported, tensor_shapes
 from trainer.model import DraftArch, Eagle3Draft
 from trainer.run_layout import STATE_FILE
 from trainer.train import train
-from trainer_fixtures import run_config
+from trainer_fixtures import export_eagle, run_config
 
 EXPECTED_NAMES = {
     "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "midlayer.self_attn.v_proj.weight",

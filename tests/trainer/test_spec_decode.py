@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from trainer.config import DraftConfig
-from trainer.export import eagle_config, export_eagle, load_exported
+from trainer.export import eagle_config, load_exported
 from trainer.model import DraftArch, Eagle3Draft, Segments
 from trainer.spec_decode import EagleProposer, NgramProposer, NoProposer, SpecStats, Target, generate
 from trainer.target import TargetArch
 from trainer.train import train
-from trainer_fixtures import AUX_IDS, VOCAB, run_config
+from trainer_fixtures import AUX_IDS, VOCAB, export_eagle, run_config
 
 REPO = Path(__file__).parents[2]
 K = 3
@@ -230,7 +230,7 @@ def test_ngram_way_gives_the_greedy_output_and_counts_only_rounds_that_drafted(t
 def test_vlm_and_audio_targets_decode_text_prompts_speculatively_as_greedy(tmp_path, family):
     """Targets the CPU vLLM build cannot serve as EAGLE-3 targets: text-only prompts (token ids)."""
     from factory.default_model import DefaultModelConfig, prepare_default
-    from factory.tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
+    from tiny_models import build_tiny_qwen2_audio, build_tiny_qwen2_vl
     from trainer.spec_decode import load_target_model
 
     build = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_audio": build_tiny_qwen2_audio}[family]
@@ -266,7 +266,7 @@ def write_random_export(target_dir: Path, out: Path, *, aux_ids: list[int], draf
 
 def test_eval_with_the_torch_engine_reports_every_way_on_a_tiny_chat_model(tmp_path):
     from factory.default_model import DefaultModelConfig, prepare_default
-    from factory.tiny_models import build_tiny_causal_lm
+    from tiny_models import build_tiny_causal_lm
 
     target = build_tiny_causal_lm("qwen2", tmp_path / "qwen2",
                                   tokenizer_dir=prepare_default(DefaultModelConfig(engine_check=False)))

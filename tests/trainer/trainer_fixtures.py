@@ -102,3 +102,10 @@ def run_config(out: Path, data: Path, target: Path, **overrides):
                 "precision": "fp32"}
     settings.update(overrides)
     return load_config(None, settings)
+
+
+def export_eagle(checkpoint: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
+    """`specmill export --format eagle`, as the tests call it."""
+    from trainer.export import export
+
+    return export(checkpoint, out, format="eagle", dtype=dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainer.bench import quality
-from shared.cli import main
+from shared.cli import build_parser, main
 from trainer.bench.quality import QualityConfig, format_report, run_quality, summarize
 
 
@@ -42,12 +42,18 @@ class FakeSteps:
         self.timings: list[tuple[str, float]] = []
         self.commands: list[list[str]] = []
         self.tokens_per_sample = tokens_per_sample
+        self._parser = build_parser()
+
+    def run(self, *words: str) -> list:
+        """The parsed flags of each command starting with `words` (e.g. "train"), in order."""
+        return [self._parser.parse_args(c) for c in self.commands if tuple(c[:len(words)]) == words]
 
     def __call__(self, title: str, *args: str, done: Path | None = None, env=None) -> str:
         if done is not None and done.exists():
             self.timings.append((title + " (cached)", 0.0))
             return ""
         self.commands.append(list(args))
+        self._parser.parse_args(list(args))  # a command `specmill` takes (argparse exits on one it does not)
         self.timings.append((title, 1.0))
         opt = lambda name: args[args.index(name) + 1]  # noqa: E731
         if args[:2] == ("model", "prepare-default"):
@@ -100,19 +106,17 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     # the prompts after the training ones, less repeats of training questions (chat 6 asks chat 2's)
     assert held == ["evals-5", "evals-6", "chitchat-7", "chitchat-8"]
 
-    by_name = {tuple(c[:2]): c for c in fake.commands}
-    run = by_name[("factory", "run")]
-    assert run[run.index("--prompts") + 1:run.index("--prompts") + 3] == [
-        str(tmp_path / "train-evals.jsonl"), str(tmp_path / "train-chitchat.jsonl")]
-    train_cmd = next(c for c in fake.commands if c[0] == "train")
-    assert train_cmd[train_cmd.index("--steps") + 1] == str(-(-3 * 1000 // 256))  # ceil(epochs x tokens / budget)
-    assert train_cmd[train_cmd.index("--lr") + 1] == "0.0005"
-    assert "--draft-vocab-size" not in train_cmd  # the trainer's default
-    held_eval, seen_eval = (c for c in fake.commands if c[0] == "eval")
-    assert held_eval[held_eval.index("--prompts") + 1] == str(tmp_path / "heldout.jsonl")
+    [run] = fake.run("factory", "run")
+    assert [str(p) for p in run.prompts] == [str(tmp_path / "train-evals.jsonl"), str(tmp_path / "train-chitchat.jsonl")]
+    [train] = fake.run("train")
+    assert train.steps == -(-3 * 1000 // 256)  # ceil(epochs x tokens / budget)
+    assert getattr(train, "optim.lr") == 5e-4
+    assert getattr(train, "draft.draft_vocab_size") is None  # the trainer's default
+    held_eval, seen_eval = fake.run("eval")
+    assert held_eval.prompts == tmp_path / "heldout.jsonl"
     # The same evaluation on training prompts: the first of each package, distinct questions
     # (64 asked for, 10 there: 5 evals, and chitchat's first 6 rows less the repeat).
-    assert seen_eval[seen_eval.index("--prompts") + 1] == str(tmp_path / "seen.jsonl")
+    assert seen_eval.prompts == tmp_path / "seen.jsonl"
     seen = [question(x) for x in (tmp_path / "seen.jsonl").read_text().splitlines()]
     assert seen == [f"evals-{i}" for i in range(5)] + ["chitchat-0", "chitchat-1", "chitchat-2", "chitchat-4",
                                                          "chitchat-5"]
@@ -121,8 +125,10 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     assert results["goals"]["acceptance_length"] == {"value": 2.2, "goal": 2.0, "met": True}
     assert results["goals"]["tokens_per_forward_vs_ngram"]["value"] == pytest.approx(2.1 / 1.2)
     assert json.loads((tmp_path / "quality.json").read_text())["data"]["tokens"] == 1000
-    out = capsys.readouterr().out
-    assert "met" in out and "eagle3 on 4 of its training prompts: acceptance length 1.900 (held-out 2.200: +0.300)" in out
+    assert results["ways"]["eagle3"]["acceptance_length"] == 2.2  # held out, against 1.9 on training prompts
+    report = format_report(results)
+    assert report in capsys.readouterr().out  # the report printed is the one returned
+    assert "1.900" in report and "2.200" in report  # it sets the training prompts' AL beside the held-out one
 
     # Run again: the export and evaluation exist, so they are not made again (the prompts are
     # rewritten, identically; the factory and the trainer find their work done and return).
@@ -142,15 +148,15 @@ def test_run_quality_trains_on_the_training_prompts_and_evaluates_on_the_held_ou
     fake.commands.clear()
     run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=3, token_budget=256, lr=5e-4,
                               draft_vocab_size=8000))
-    train_cmd = next(c for c in fake.commands if c[0] == "train")
-    assert train_cmd[train_cmd.index("--draft-vocab-size") + 1] == "8000"
+    [train] = fake.run("train")
+    assert getattr(train, "draft.draft_vocab_size") == 8000
     assert len(list(tmp_path.glob("*-v8000/quality.json"))) == 1
 
     # More conversations asked for: the factory job is given the grown prompt files.
     fake.commands.clear()
     run_quality(QualityConfig(workdir=tmp_path, samples=12, heldout=4, epochs=3, token_budget=256, lr=5e-4))
-    run = next(c for c in fake.commands if c[:2] == ["factory", "run"])
-    rows = sum(len(Path(p).read_text().splitlines()) for p in run[run.index("--prompts") + 1:run.index("--out")])
+    [run] = fake.run("factory", "run")
+    rows = sum(len(p.read_text().splitlines()) for p in run.prompts)
     assert rows == 13  # 6 evals + 7 chitchat (one repeat)
 
 
@@ -163,17 +169,15 @@ def test_sharegpt_questions_join_the_training_plan_and_the_held_out_prompts_stay
 
     fake.commands.clear()
     results = run_quality(QualityConfig(**settings, sharegpt=3, steps=7))
-    run = next(c for c in fake.commands if c[:2] == ["factory", "run"])
-    assert run[run.index("--prompts") + 1:run.index("--out")] == [
-        str(tmp_path / f"train-{s}.jsonl") for s in ("evals", "chitchat", "sharegpt")]
+    [run] = fake.run("factory", "run")
+    assert run.prompts == [tmp_path / f"train-{s}.jsonl" for s in ("evals", "chitchat", "sharegpt")]
     question = lambda line: json.loads(line)["messages"][0]["content"]  # noqa: E731
     assert [question(x) for x in (tmp_path / "train-sharegpt.jsonl").read_text().splitlines()] == [
         "sharegpt-0", "sharegpt-1", "sharegpt-2"]
     assert (tmp_path / "heldout.jsonl").read_text() == held, "judged on the same prompts as without them"
-    train_cmd = next(c for c in fake.commands if c[0] == "train")
-    assert train_cmd[train_cmd.index("--steps") + 1] == "7", "--steps wins over --epochs"
-    assert Path(train_cmd[train_cmd.index("--out") + 1]).parent.name.startswith("s7-")
-    assert Path(train_cmd[train_cmd.index("--out") + 1]).parent.name.endswith("-sg3")
+    [train] = fake.run("train")
+    assert train.steps == 7, "--steps wins over --epochs"
+    assert train.out.parent.name.startswith("s7-") and train.out.parent.name.endswith("-sg3")
     assert results["data"]["conversations"] == 13 and results["data"]["sharegpt"] == 3
 
 
@@ -187,8 +191,8 @@ def test_a_warm_start_trains_beside_the_cold_run_and_is_named_by_the_inits_weigh
     (init / "model.safetensors").write_bytes(b"weights one")
     fake.commands.clear()
     results = run_quality(QualityConfig(**settings, init=init))
-    train_cmd = next(c for c in fake.commands if c[0] == "train")
-    assert train_cmd[train_cmd.index("--init") + 1] == str(init)
+    [train] = fake.run("train")
+    assert getattr(train, "draft.init") == init
     assert [c[0] for c in fake.commands if c[0] in ("train", "export", "eval")] == ["train", "export", "eval", "eval"]
     assert results["config"]["init"] == str(init) and f"started from {init}" in capsys.readouterr().out
     (init / "model.safetensors").write_bytes(b"weights two")  # another init: a third draft, not the second's
@@ -231,9 +235,9 @@ def test_training_on_some_temperatures_passes_the_filter_and_counts_only_their_t
     monkeypatch.setattr(quality, "trained_tokens", lambda data, manifest, temps: counted.append(temps) or 600)
     run_quality(QualityConfig(workdir=tmp_path, samples=10, heldout=4, epochs=2, token_budget=256,
                               train_temperatures=[0]))
-    train_cmd = next(c for c in fake.commands if c[0] == "train")
-    assert train_cmd[train_cmd.index("--temperatures") + 1:] == ["0"]
-    assert train_cmd[train_cmd.index("--steps") + 1] == "5"  # ceil(2 x 600 / 256)
+    [train] = fake.run("train")
+    assert getattr(train, "data.temperatures") == [0.0]
+    assert train.steps == 5  # ceil(2 x 600 / 256)
     assert counted == [(0.0,)]
     assert len(list(tmp_path.glob("*-t0/quality.json"))) == 1  # a run of its own
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight targets, built offline from transformers configs, for tests and demos.
+"""Tiny random-weight targets, built offline from transformers configs, for tests.
 
 They reuse a real tokenizer (the default model's, with the media tokens a family needs
 added) and real preprocessors (PIL image processor, numpy Whisper feature extractor), so
