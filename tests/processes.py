@@ -54,15 +54,18 @@ def run_tree(argv: list[str], *, timeout: float, env: dict[str, str] | None = No
 
 
 def marked(marker: str) -> list[psutil.Process]:
-    """The processes alive with `marker`: what was started with it, directly or not."""
-    members = []
+    """The processes alive with `marker`, and their descendants: what was started with it,
+    directly or not. Descendants count because some rewrite their environment: vLLM's engine
+    core and workers set their process titles over it, so their /proc environ reads empty."""
+    members: dict[int, psutil.Process] = {}
     for p in psutil.process_iter():
         try:
             if p.pid != os.getpid() and p.environ().get(MARKER) == marker:
-                members.append(p)
+                members[p.pid] = p
+                members.update((c.pid, c) for c in p.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
-    return members
+    return list(members.values())
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
