@@ -148,8 +148,9 @@ def _run_steps(config: DemoConfig) -> int:
     # root = this workdir, so data/ is inside it) hands the job to Ray and `submit --wait` follows it.
     with JobService(workdir=w, input_roots=(Path(model).parent,)) as service:
         step("factory (via the job service): resample the answers on vLLM, capture hidden states, write shards",
-             "submit", "--url", service.url, "--wait", "--model", model, "--prompts", str(evals_prompts), str(chitchat_prompts),
-             "--out", str(data), "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens),
+             "submit", "--url", service.url, "--wait", "--model", model,
+             "--prompts", str(evals_prompts), str(chitchat_prompts), "--out", str(data),
+             "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens),
              env=service.client_env)
     step("verify the shards", "shards", "verify", str(data))
     step(f"train the EAGLE-3 draft ({config.steps} steps)", "train", "--data", str(data), "--target", model,

@@ -28,7 +28,8 @@ def new_questions(candidates: Iterable[str], seen: set[str], want: int) -> list[
     for row in candidates:
         if len(kept) == want:
             break
-        if question(row) not in seen:
-            seen.add(question(row))
+        asked = question(row)
+        if asked not in seen:
+            seen.add(asked)
             kept.append(row)
     return kept

@@ -1,10 +1,11 @@
 """A vLLM OpenAI-compatible server in a child process: the one launcher that factory
 (`factory.vllm_server.VllmServer`) and trainer (`trainer.engine.VllmEngine`) both wrap.
 
-Standard library only (torch only to choose the dtype), so shared/ stays light: argv, start, wait for `/health`, log file,
-stop. The server runs in its own session, hence its own process group, so stopping it also
-stops the engine-core and worker processes vLLM forks (they hold the cores and GBs of KV
-cache); its output goes to a log file whose tail ends any start-up error.
+Standard library only (torch only to choose the dtype), so shared/ stays light: argv, start,
+wait for `/health`, log file, stop. The server runs in its own session, hence its own process
+group, so stopping it also stops the engine-core and worker processes vLLM forks (they hold
+the cores and GBs of KV cache); its output goes to a log file whose tail ends any start-up
+error.
 """
 
 from __future__ import annotations
