@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from trainer.config import TTTConfig
 from trainer.data import Batch
-from trainer.model import Eagle3Draft, Segments
+from trainer.model import Eagle3Draft, Picked, Segments
 from trainer.target import TargetHead
 
 # Positions per chunk when computing full-vocab target logits (bounds memory at chunk x V).
@@ -59,27 +59,32 @@ class TTTOutput:
 
 
 @torch.no_grad()
-def target_distribution(head: TargetHead, last_hidden_state: torch.Tensor, draft: Eagle3Draft) -> TargetDist:
-    """p_j for every position j, from the stored last hidden state through the target's head.
+def target_distribution(head: TargetHead, last_hidden_state: torch.Tensor, draft: Eagle3Draft,
+                        needed: torch.Tensor | None = None) -> TargetDist:
+    """p_j at every position j, or only where `needed` [B, L] is True (elsewhere probs stay 0,
+    in_vocab False), from the stored last hidden state through the target's head.
 
     The target's top-1 is a draft id iff the best draft-vocab logit is at least the best of the
-    rest (a tie counts as in the vocabulary)."""
+    rest (a tie counts as in the vocabulary). That test needs the whole head (V rows, ~12x the
+    draft vocab's at the demo's sizes), so restricting it to the positions the loss reads is
+    what makes the head cheap: ttt_loss reads p_j only where x_{j+1} is learned."""
     device = last_hidden_state.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else head.lm_head_weight.dtype
     w_draft, w_rest = head.split(draft.draft_ids, dtype)
-    probs, top1, in_vocab = [], [], []
-    flat = last_hidden_state.flatten(0, -2)  # [B*L, H]
-    for chunk in flat.split(TARGET_CHUNK):
-        h = head.normed(chunk).to(dtype)
-        logits = h @ w_draft.T  # [c, N]
-        best, top = logits.max(-1)
-        in_vocab.append(best >= (h @ w_rest.T).amax(-1) if len(w_rest) else torch.ones_like(top, dtype=torch.bool))
-        top1.append(top)
-        probs.append(torch.softmax(logits.float(), dim=-1))  # [c, N]
     shape = last_hidden_state.shape[:-1]
-    return TargetDist(probs=torch.cat(probs).view(*shape, -1), top1=torch.cat(top1).view(shape),
-                      in_vocab=torch.cat(in_vocab).view(shape))
+    flat = last_hidden_state.flatten(0, -2)  # [B*L, H]
+    rows = torch.arange(len(flat), device=device) if needed is None else needed.flatten().nonzero().squeeze(1)
+    probs = torch.zeros(len(flat), len(w_draft), dtype=torch.float32, device=device)  # [B*L, N]
+    top1 = torch.zeros(len(flat), dtype=torch.int64, device=device)
+    in_vocab = torch.zeros(len(flat), dtype=torch.bool, device=device)
+    for chunk in rows.split(TARGET_CHUNK):
+        h = head.normed(flat[chunk]).to(dtype)
+        logits = h @ w_draft.T  # [c, N]
+        best, top1[chunk] = logits.max(-1)
+        in_vocab[chunk] = (best >= (h @ w_rest.T).amax(-1)) if len(w_rest) else True
+        probs[chunk] = torch.softmax(logits.float(), dim=-1)
+    return TargetDist(probs=probs.view(*shape, -1), top1=top1.view(shape), in_vocab=in_vocab.view(shape))
 
 
 def shift_left(x: torch.Tensor, n: int, fill: float | int | bool) -> torch.Tensor:
@@ -88,16 +93,25 @@ def shift_left(x: torch.Tensor, n: int, fill: float | int | bool) -> torch.Tenso
     return torch.cat([x[:, n:], pad], dim=1)
 
 
-def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int, segments: Segments | None = None) -> list[torch.Tensor]:
-    """Run the draft `steps` times; returns h^{s+1} (the pre-norm output of step s), each [B, L, H]."""
+def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int, segments: Segments | None = None,
+               active: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Run the draft `steps` times; returns h^{s+1} (the pre-norm output of step s), each [B, L, H].
+
+    Step 0 runs on every position (later steps attend to its keys); steps 1..k-1 only where
+    `active` [B, L] is True (default: everywhere), their outputs elsewhere left 0 (see Picked)."""
     segments = segments or Segments.of(batch.doc_ids)
-    hidden = draft.fuse(batch.aux_hidden_states)  # h^0 = fc(aux): [B, L, H]
+    picked = Picked.of(torch.ones_like(batch.loss_mask) if active is None else active, segments)
     cache: list = []
-    outputs = []
-    for s in range(steps):
-        tokens = shift_left(batch.input_ids, 1 + s, 0)  # x_{t+1+s}: [B, L]
-        hidden = draft.layer(draft.embed(tokens), hidden, batch.position_ids + s, cache, segments)
-        outputs.append(hidden)
+    # h^0 = fc(aux), token x_{t+1}, rope position t
+    hidden = draft.layer(draft.embed(shift_left(batch.input_ids, 1, 0)), draft.fuse(batch.aux_hidden_states),
+                         batch.position_ids, cache, segments)  # [B, L, H]
+    outputs = [hidden]
+    hidden = picked.gather(hidden)  # [1, n, H]
+    for s in range(1, steps):
+        tokens = picked.gather(shift_left(batch.input_ids, 1 + s, 0))  # x_{t+1+s}
+        hidden = draft.layer(draft.embed(tokens), hidden, picked.gather(batch.position_ids) + s, cache, segments,
+                             picked)
+        outputs.append(picked.scatter(hidden, batch.input_ids.shape))
     return outputs
 
 
@@ -109,12 +123,16 @@ def counted_positions(batch: Batch, target: TargetDist, s: int) -> torch.Tensor:
 
 
 def ttt_loss(draft: Eagle3Draft, head: TargetHead, batch: Batch, config: TTTConfig) -> TTTOutput:
-    target = target_distribution(head, batch.last_hidden_state, draft)
-    outputs = ttt_unroll(draft, batch, config.steps)
+    # p_{t+1+s} is read only where x_{t+2+s} is learned (counted_positions)
+    target = target_distribution(head, batch.last_hidden_state, draft, needed=shift_left(batch.loss_mask, 1, False))
+    scored = [counted_positions(batch, target, s) for s in range(config.steps)]
+    # steps >= 1 run only where a step >= 1 is scored (the prompt's positions are not)
+    later = torch.stack(scored[1:]).any(0) if config.steps > 1 else None
+    outputs = ttt_unroll(draft, batch, config.steps, active=later)
     loss = torch.zeros((), device=batch.input_ids.device)
     step_loss, correct, counted = [], [], []
     for s, hidden in enumerate(outputs):
-        b, t = counted_positions(batch, target, s).nonzero(as_tuple=True)  # the V_s positions
+        b, t = scored[s].nonzero(as_tuple=True)  # the V_s positions
         logq = F.log_softmax(draft.logits(hidden[b, t]).float(), dim=-1)  # [|V_s|, N]
         p = target.probs[b, t + 1 + s]  # [|V_s|, N]
         soft_ce = -(p * logq).sum(-1).sum() / max(len(b), 1)

@@ -114,7 +114,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# A TTT cache: the (key, value) of every unroll step so far, each [B, kv_heads, L, hd].
+# A TTT cache: the (key, value) of every unroll step so far: step 0's [B, kv_heads, L, hd] over
+# every position, each later step's [1, kv_heads, n, hd] over the n picked positions (Picked).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 # Packed rows are attended in segments cut at sample boundaries, so the scores are [n, n] per
@@ -154,6 +155,40 @@ class Segments:
         return cls(spans=tuple(spans), masks=tuple(block_causal_mask(doc_ids[r:r + 1, a:e]) for r, a, e in spans))
 
 
+@dataclass(frozen=True, slots=True)
+class Picked:
+    """The positions the unroll's steps 1..k-1 run at, laid out as one row [1, n] in row-major
+    order. A step-s output at t (s >= 1) reads step 0's keys at t' <= t and its own chain at t
+    only, so positions the loss never reads at a later step can be left out of those steps
+    without changing any output that is kept (at the demo's shapes ~60% of positions are prompt
+    tokens, which no step scores)."""
+
+    flat: torch.Tensor  # [n] ascending indices into the B*L positions
+    local: tuple[torch.Tensor, ...]  # per segment span: offsets within the span of its picked positions
+    bounds: tuple[tuple[int, int], ...]  # per span: where its picked positions sit in the [1, n] layout
+
+    @classmethod
+    def of(cls, active: torch.Tensor, segments: Segments) -> Picked:
+        """active: [B, L] bool (the positions to keep)."""
+        length, flat, local, bounds, n = active.shape[1], [], [], [], 0
+        for r, a, e in segments.spans:
+            offsets = active[r, a:e].nonzero().squeeze(1)
+            flat.append(offsets + r * length + a)
+            local.append(offsets)
+            bounds.append((n, n + len(offsets)))
+            n += len(offsets)
+        return cls(flat=torch.cat(flat), local=tuple(local), bounds=tuple(bounds))
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [1, n, ...]"""
+        return x.flatten(0, 1)[self.flat][None]
+
+    def scatter(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """[1, n, ...] -> [B, L, ...] (zeros where not picked)."""
+        full = x.new_zeros(shape[0] * shape[1], *x.shape[2:])
+        return full.index_copy(0, self.flat, x[0]).view(*shape[:2], *x.shape[2:])
+
+
 class Eagle3Attention(nn.Module):
     def __init__(self, arch: DraftArch):
         super().__init__()
@@ -165,7 +200,7 @@ class Eagle3Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * hd, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                segments: Segments) -> torch.Tensor:
+                segments: Segments, picked: Picked | None = None) -> torch.Tensor:
         """Attention of unroll step s = len(cache) (this call appends step s's k/v).
 
         Position t at step s attends to
@@ -173,39 +208,58 @@ class Eagle3Attention(nn.Module):
           - the keys of steps 1..s at the same position t         (the "diagonal" of each step),
         i.e. exactly what the draft's KV cache holds at inference when it drafts its (s+1)-th
         token after position t: the prefix it processed on the target's features, then its
-        own s earlier drafts.
+        own s earlier drafts. Step 0 runs on every position ([B, L, 2H]); steps s >= 1 on the
+        picked ones only ([1, n, 2H], `picked`).
         """
         b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)  # [B, nh, L, hd]
-        k = self.k_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, hd]
-        v = self.v_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, L, hd]
+        q = self.q_proj(x).view(b, l, self.heads, self.head_dim).transpose(1, 2)  # [b, nh, l, hd]
+        k = self.k_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, nkv, l, hd]
+        v = self.v_proj(x).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, nkv, l, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.append((k, v))
         group = self.heads // self.kv_heads
-        keys = [kk.repeat_interleave(group, dim=1) for kk, _ in cache]  # each [B, nh, L, hd]
+        keys = [kk.repeat_interleave(group, dim=1) for kk, _ in cache]
         values = [vv.repeat_interleave(group, dim=1) for _, vv in cache]
-        rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        for (r, a, e), mask in zip(segments.spans, segments.masks):
-            rows[r].append(self._attend(q[r:r + 1, :, a:e], [kk[r:r + 1, :, a:e] for kk in keys],
-                                        [vv[r:r + 1, :, a:e] for vv in values], mask))
-        out = torch.cat([torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0] for pieces in rows])
+        pieces: list[torch.Tensor] = []
+        for i, ((r, a, e), mask) in enumerate(zip(segments.spans, segments.masks, strict=True)):
+            if picked is None:  # step 0: the span's queries are its positions a..e-1 of row r
+                rows, own, span_mask = (r, a, e), (r, a, e), mask
+            else:  # later steps: the span's picked positions, at bounds[i] of the [1, n] layout
+                (g0, g1), own = picked.bounds[i], (0, *picked.bounds[i])
+                rows, span_mask = (0, g0, g1), mask[:, :, picked.local[i]]
+            pieces.append(self._attend(_span(q, rows), _span(keys[0], (r, a, e)), _span(values[0], (r, a, e)),
+                                       [_span(kk, own) for kk in keys[1:]], [_span(vv, own) for vv in values[1:]],
+                                       span_mask))
+        if picked is None:
+            out = torch.cat([torch.cat([p for (r, _, _), p in zip(segments.spans, pieces) if r == row], dim=2)
+                             for row in range(b)])
+        else:
+            out = torch.cat(pieces, dim=2)
         out = out.transpose(1, 2).reshape(b, l, self.heads * self.head_dim)
-        return self.o_proj(out)  # [B, L, H]
+        return self.o_proj(out)  # [b, l, H]
 
-    def _attend(self, q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                mask: torch.Tensor) -> torch.Tensor:
-        """One segment: q [1, nh, n, hd]; keys/values of steps 0..s, each [1, nh, n, hd]; mask [1, 1, n, n]."""
-        n = q.shape[2]
+    def _attend(self, q: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
+                own_keys: list[torch.Tensor], own_values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """One span: q [1, nh, m, hd] (m queries); step 0's keys/values over the span's n positions
+        [1, nh, n, hd]; steps 1..s keys/values at the queries' own positions, each [1, nh, m, hd];
+        mask [1, 1, m, n] (which of the n prefix positions each query sees)."""
+        n = prefix_keys.shape[2]
         scale = 1.0 / math.sqrt(self.head_dim)
-        # scores over the step-0 prefix: [1, nh, n, n]; over each later step's own position: [1, nh, n, 1]
-        prefix = (q @ keys[0].transpose(-1, -2)) * scale
+        # scores over the step-0 prefix: [1, nh, m, n]; over each later step's own position: [1, nh, m, 1]
+        prefix = (q @ prefix_keys.transpose(-1, -2)) * scale
         prefix = prefix.masked_fill(~mask, float("-inf"))
-        diag = [(q * kk).sum(-1, keepdim=True) * scale for kk in keys[1:]]
-        probs = torch.softmax(torch.cat([prefix, *diag], dim=-1).float(), dim=-1).to(q.dtype)  # [1, nh, n, n+s]
-        out = probs[..., :n] @ values[0]  # [1, nh, n, hd]
-        for j, vv in enumerate(values[1:]):
+        diag = [(q * kk).sum(-1, keepdim=True) * scale for kk in own_keys]
+        probs = torch.softmax(torch.cat([prefix, *diag], dim=-1).float(), dim=-1).to(q.dtype)  # [1, nh, m, n+s]
+        out = probs[..., :n] @ prefix_values  # [1, nh, m, hd]
+        for j, vv in enumerate(own_values):
             out = out + probs[..., n + j, None] * vv
         return out
+
+
+def _span(x: torch.Tensor, where: tuple[int, int, int]) -> torch.Tensor:
+    """x[row:row+1, :, start:end] of a [B, heads, L, hd] tensor."""
+    r, a, e = where
+    return x[r:r + 1, :, a:e]
 
 
 class SwiGLU(nn.Module):
@@ -230,10 +284,10 @@ class Eagle3DecoderLayer(nn.Module):
         self.mlp = SwiGLU(h, arch.intermediate_size)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache, segments: Segments) -> torch.Tensor:
-        # embeds, hidden: [B, L, H]; attention reads both (2H), the residual stream is hidden.
+                cache: KVCache, segments: Segments, picked: Picked | None = None) -> torch.Tensor:
+        # embeds, hidden: [B, L, H] (or [1, n, H] picked); attention reads both (2H), the residual stream is hidden.
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, L, 2H]
-        h = hidden + self.self_attn(x, cos, sin, cache, segments)
+        h = hidden + self.self_attn(x, cos, sin, cache, segments, picked)
         return h + self.mlp(self.post_attention_layernorm(h))  # [B, L, H], before the final norm
 
 
@@ -285,9 +339,9 @@ class Eagle3Draft(nn.Module):
         return F.embedding(input_ids, self.embed_tokens).to(self.fc.weight.dtype)  # [B, L, H]
 
     def layer(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-              segments: Segments) -> torch.Tensor:
+              segments: Segments, picked: Picked | None = None) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        return self.midlayer(embeds, hidden, cos, sin, cache, segments)
+        return self.midlayer(embeds, hidden, cos, sin, cache, segments, picked)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # [..., draft_vocab]

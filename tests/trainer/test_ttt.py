@@ -240,3 +240,58 @@ def test_rope_frequencies_match_transformers(scaling):
     else:
         expected, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
     assert torch.equal(rope_inv_freq(16, 500000.0, scaling), expected)
+
+
+def test_target_distribution_where_needed_equals_the_whole_one_there():
+    draft, batch = make_draft(), make_batch([10, 6], seed=7)
+    head = TargetHead(TargetWeights(embed=draft.embed_tokens, norm=torch.rand(HIDDEN) + 0.5,
+                                    lm_head=torch.randn(VOCAB, HIDDEN)), eps=1e-6, pre_norm=True)
+    needed = torch.rand(batch.loss_mask.shape) < 0.4
+    whole = target_distribution(head, batch.last_hidden_state, draft)
+    part = target_distribution(head, batch.last_hidden_state, draft, needed=needed)
+    torch.testing.assert_close(part.probs[needed], whole.probs[needed])
+    assert torch.equal(part.top1[needed], whole.top1[needed])
+    assert torch.equal(part.in_vocab[needed], whole.in_vocab[needed])
+    assert not part.in_vocab[~needed].any() and not part.probs[~needed].any()
+
+
+def test_later_steps_run_only_where_asked_and_agree_there():
+    draft, batch = make_draft(), make_batch([20, 13], seed=8)
+    active = torch.rand(batch.loss_mask.shape, generator=torch.Generator().manual_seed(9)) < 0.4
+    weights = [torch.randn(HIDDEN) for _ in range(K)]
+
+    def run(only):
+        draft.zero_grad()
+        outs = ttt_unroll(draft, batch, K, Segments.of(batch.doc_ids, max_tokens=16), active=only)
+        # a loss that reads step 0 everywhere and later steps only where active
+        loss = (outs[0] @ weights[0]).sum() + sum((o[active] @ w).sum() for o, w in zip(outs[1:], weights[1:]))
+        loss.backward()
+        return outs, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = run(None)
+    part, part_grads = run(active)
+    torch.testing.assert_close(part[0], whole[0])
+    for s in range(1, K):
+        torch.testing.assert_close(part[s][active], whole[s][active], atol=1e-5, rtol=1e-5)
+        assert not part[s][~active].any()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(part_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_the_loss_is_the_same_whichever_positions_the_later_steps_skip():
+    draft, batch = make_draft(), make_batch([18, 11], seed=10)
+    batch.loss_mask[0, :7] = False  # a prompt: nothing before x_7 is learned
+    batch.loss_mask[0, 18:22] = False
+    head = TargetHead(TargetWeights(embed=draft.embed_tokens, norm=torch.ones(HIDDEN),
+                                    lm_head=torch.randn(VOCAB, HIDDEN)), eps=1e-6, pre_norm=True)
+    config = TTTConfig(steps=3, step_decay=0.8)
+    out = ttt_loss(draft, head, batch, config)
+    # the same sum written out over every position, each step at each counted position
+    target = target_distribution(head, batch.last_hidden_state, draft)
+    hs = ttt_unroll(draft, batch, 3)
+    expected = 0.0
+    for s in range(3):
+        b, t = counted_positions(batch, target, s).nonzero(as_tuple=True)
+        logq = torch.log_softmax(draft.logits(hs[s][b, t]), -1)
+        expected = expected + 0.8**s * -(target.probs[b, t + 1 + s] * logq).sum(-1).mean()
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)

@@ -159,7 +159,7 @@ _MEASURE = {"loop": _measure_loop, "compute": _measure_compute}
 
 def _breakdown(train_config, warmup: int) -> dict[str, float]:
     """Seconds per step in each part of train_step, the mean over the measured batches."""
-    from trainer.loss import target_distribution, ttt_loss
+    from trainer.loss import shift_left, target_distribution, ttt_loss
     from trainer.train import autocast, setup
 
     run = setup(train_config)
@@ -170,7 +170,8 @@ def _breakdown(train_config, warmup: int) -> dict[str, float]:
     for i, batch in enumerate(batches):
         clock = _Clock(run.device)
         with autocast(run.device, train_config.precision):
-            target_distribution(run.head, batch.last_hidden_state, run.model)
+            target_distribution(run.head, batch.last_hidden_state, run.model,
+                                needed=shift_left(batch.loss_mask, 1, False))
             head = clock.lap()
             out = ttt_loss(run.model, run.head, batch, train_config.ttt)  # recomputes the head: subtracted
             forward = clock.lap() - head
