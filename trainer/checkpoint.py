@@ -5,7 +5,8 @@ written atomically.
 (model, optimizer, scheduler, data loader position, RNG states, loop state); `meta.json`
 is the sidecar a person reads: resolved config, step, schema version, fingerprints of the
 data set and the target, the data position, the draft's architecture and vocab settings
-(export needs nothing else).
+(export needs nothing else). None of it depends on the rank count (trainer/distributed.py):
+a run resumes on another one if its global batch stays the same.
 
 Atomic: the directory is written under a temporary name, every file fsynced, renamed into
 place, and the parent fsynced; a `step-*` directory therefore always holds a whole
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -102,6 +104,7 @@ class Checkpointer:
     def load(self, path: Path, components: dict[str, Stateful]) -> dict[str, Any]:
         """Restore every component from `path`; returns its meta."""
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _upgrade(state, path)
         missing = set(components) - set(state)
         if missing:
             raise CheckpointMismatch(f"{path}: checkpoint lacks state for {sorted(missing)}")
@@ -140,20 +143,35 @@ def resolve_checkpoint(path: Path) -> Path:
 # Identity fields added after checkpoints were first written, each with the value that
 # describes how the older checkpoints without it were trained: such a checkpoint resumes
 # when this run has that value, and is refused (naming the field) otherwise.
-FIELDS_ADDED_LATER: dict[str, Any] = {"data.micro_batches": 1, "distributed.strategy": "ddp", "precision": "fp32",
+FIELDS_ADDED_LATER: dict[str, Any] = {"distributed.strategy": "ddp", "precision": "fp32",
                                       "draft.init_sha256": None, "data.temperatures": None}
 
 
+def global_batch(meta: dict[str, Any]) -> tuple[int, int]:
+    """(ranks, data.micro_batches per rank) of the run that wrote `meta`; their product, the
+    micro-batches of one optimizer step, is what a resumed run must keep."""
+    identity = meta["identity"]
+    if "global_micro_batches" in identity:
+        return meta["world_size"], meta["config"]["data"]["micro_batches"]
+    # written before elastic resume: the identity held the rank count (and, later, micro_batches)
+    return identity["world_size"], identity.get("data.micro_batches", 1)
+
+
 def check_compatible(saved: dict[str, Any], now: dict[str, Any], *, path: Path) -> None:
-    """Refuse a checkpoint whose identity (config fields that define the training, the data
-    set fingerprint, the target fingerprint) differs from this run's, naming each difference."""
+    """Refuse a checkpoint whose identity (config fields that define the training, the global
+    batch, the data set fingerprint, the target fingerprint) differs from this run's, naming
+    each difference. The rank count may change if the global batch does not."""
     diffs = []
-    for key in sorted(set(saved["identity"]) | set(now["identity"])):
-        a = saved["identity"].get(key, FIELDS_ADDED_LATER.get(key, "<absent>"))
+    saved_identity = {k: v for k, v in saved["identity"].items() if k not in ("world_size", "data.micro_batches")}
+    saved_identity["global_micro_batches"] = math.prod(global_batch(saved))
+    for key in sorted(set(saved_identity) | set(now["identity"])):
+        a = saved_identity.get(key, FIELDS_ADDED_LATER.get(key, "<absent>"))
         b = now["identity"].get(key, "<absent>")
         if key == "precision" and a == "auto":  # written before identities held the resolved value
             continue
-        if a != b:
+        if key == "global_micro_batches" and a != b:
+            diffs.append(_global_batch_change(saved, now))
+        elif a != b:
             diffs.append(f"config {key}: checkpoint {a!r} != now {b!r}")
     for key, what in (("dataset_fingerprint", "data set"), ("target_fingerprint", "target model")):
         if saved[key] != now[key]:
@@ -164,3 +182,29 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], *, path: Path) 
         raise CheckpointMismatch(
             f"{path}: checkpoint was made by another run; use a new --out directory or the same settings. "
             "Differences: " + "; ".join(diffs))
+
+
+def _global_batch_change(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    (ranks, per_rank), (now_ranks, now_per_rank) = global_batch(saved), global_batch(now)
+    total = ranks * per_rank
+    if total % now_ranks == 0:
+        keep = f"to keep it on {now_ranks} rank(s), set data.micro_batches = {total // now_ranks}"
+    else:
+        fits = [n for n in range(1, total + 1) if total % n == 0]
+        keep = (f"{total} micro-batches do not split evenly over {now_ranks} ranks; run on a rank count that "
+                f"divides {total} ({', '.join(map(str, fits))})")
+    return (f"global batch: checkpoint {total} micro-batches of data.token_budget tokens per step "
+            f"({ranks} rank(s) x data.micro_batches = {per_rank}) != now {now_ranks * now_per_rank} "
+            f"({now_ranks} rank(s) x {now_per_rank}); {keep}")
+
+
+def _upgrade(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A checkpoint's state in this specmill's layout, from one written by an earlier specmill."""
+    data = state.get("data")
+    if data is not None and "ranks" in data:
+        # one data position per rank, as saved before elastic resume; one global stream, so they agree
+        positions = data["ranks"]
+        if any(p != positions[0] for p in positions):
+            raise CheckpointMismatch(f"{path}: its ranks' data positions differ ({positions}); it cannot be resumed")
+        state = {**state, "data": positions[0]}
+    return state

@@ -43,6 +43,8 @@ RUN_CONTROL_FIELDS = frozenset({
     "out", "device", "stop_after", "log_every", "eval_every", "progress",
     "target.path", "data.path", "data.prefetch", "checkpoint.every", "checkpoint.keep",
     "draft.init",  # identified by its weights' digest (init_sha256), not its path
+    # only the global batch, ranks x micro_batches, must match (a run may resume on other ranks)
+    "data.micro_batches",
 })
 
 
@@ -101,7 +103,8 @@ class DataConfig:
     val_samples: int = 0
     # Micro-batches (each one packed row of token_budget tokens) per optimizer step on each
     # rank; gradients are averaged over them (accumulation). The global batch is
-    # world_size x micro_batches micro-batches of one global stream (see trainer/data.py).
+    # world_size x micro_batches micro-batches of one global stream (see trainer/data.py);
+    # a run resumes on another rank count if this product stays the same.
     micro_batches: int = 1
     # Steps read ahead by the background thread.
     prefetch: int = 4

@@ -14,7 +14,9 @@ global stream (a step may take the last of one epoch and the first of the next);
 gets the r-th run of `micro_batches` of them. Every rank packs the same global stream and
 reads only its own samples, so the union of the ranks' micro-batches does not depend on the
 rank count: 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches train on the same data,
-and (gradients being averaged over micro-batches and ranks alike) to the same weights.
+and (gradients being averaged over micro-batches and ranks alike) to the same weights. The
+position is the global stream's, the same on every rank: a run stopped on N ranks resumes
+on M with the same global batch, each rank deriving its share from it (elastic resume).
 
 A background thread reads and packs `prefetch` steps ahead (pyarrow releases the GIL on
 its memory-mapped reads); `wait_seconds` counts how long the training loop was blocked on it.

@@ -10,8 +10,11 @@ Each rank reads its own share of every step's micro-batches (trainer/data.py). T
   reduce-scatters the gradient mean; parameters, gradients and AdamW state live sharded.
   The root is not sharded: its forward() is never called. Checkpoints hold the full
   (unsharded) state, gathered to rank 0, so export reads them like ddp's.
-Rank 0 logs, writes metrics and checkpoints; the data position of every rank goes into the
-checkpoint.
+Rank 0 logs, writes metrics and checkpoints. Nothing in a checkpoint depends on the rank
+count: the weights and the optimizer state are whole tensors keyed by parameter name, and
+the data position is the global stream's (the same on every rank). So a run resumes on
+another rank count, ddp or fsdp, as long as the global batch (ranks x data.micro_batches)
+stays the same (checkpoint.check_compatible).
 """
 
 from __future__ import annotations
@@ -108,23 +111,6 @@ def init_world(device: str) -> tuple[World, torch.device]:
     return world, torch.device("cuda", local) if use_cuda else torch.device("cpu")
 
 
-class RankedLoaderState:
-    """The data position of every rank as one resumable component: state_dict() gathers
-    them (a collective: call it on every rank), load_state_dict() takes this rank's."""
-
-    def __init__(self, loader, world: World):
-        self.loader, self.world = loader, world
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world.size, "ranks": self.world.gather(self.loader.state_dict())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["world_size"] != self.world.size:
-            raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run has {self.world.size}; "
-                             "resume with the same number of processes")
-        self.loader.load_state_dict(state["ranks"][self.world.rank])
-
-
 # --------------------------------------------------------------------------- fsdp
 
 # The draft's parts that the TTT unroll calls (so their forward hooks gather the parameters).
@@ -162,8 +148,12 @@ class ShardedModelState:
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
 
 
-class ShardedOptimizerState:
-    """AdamW's sharded state as full tensors keyed by parameter name (collective, like ShardedModelState)."""
+class OptimizerState:
+    """The optimizer's state as full tensors keyed by parameter name, sharded draft or not
+    (gathered to rank 0 on save, a collective; every rank takes its shard on load): one
+    layout whatever the rank count and strategy, so a run resumes on another rank count.
+    Checkpoints written before it hold torch's own layout (keyed by parameter index);
+    those are read too."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
@@ -177,4 +167,14 @@ class ShardedOptimizerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if any(isinstance(i, int) for group in state["param_groups"] for i in group["params"]):
+            state = self._by_name(state)
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def _by_name(self, state: dict[str, Any]) -> dict[str, Any]:
+        """torch's layout -> by name: index i is the i-th parameter of the param groups in order."""
+        name_of = {id(p): name for name, p in self.model.named_parameters()}
+        names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        return {"state": {names[i]: value for i, value in state["state"].items()},
+                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                 for group in state["param_groups"]]}

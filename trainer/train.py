@@ -23,8 +23,7 @@ from shared.shards import Dataset
 from trainer.checkpoint import Checkpointer, RNGState, check_compatible, read_meta
 from trainer.config import OptimConfig, TrainConfig, TTTConfig, resolve_precision
 from trainer.data import Batch, PackedLoader, dataset_fingerprint, left_out, split_validation, validation_batches
-from trainer.distributed import (RankedLoaderState, ShardedModelState, ShardedOptimizerState, World,
-                                 init_world, shard_draft)
+from trainer.distributed import OptimizerState, ShardedModelState, World, init_world, shard_draft
 from trainer.export import warm_start
 from trainer.loss import TTTOutput, acceptance_length, merge, ttt_loss
 from trainer.model import DraftArch, Eagle3Draft
@@ -93,10 +92,11 @@ def train(config: TrainConfig) -> TrainResult:
             tokens = sum(b.tokens for b in batches)
             loop.step, loop.tokens = loop.step + 1, loop.tokens + tokens
             result.losses.append(out["loss"])
-            meter.add(out, tokens, data_wait=loader.wait_seconds - waited)
+            meter.add(out, tokens, samples=sum(b.samples for b in batches), data_wait=loader.wait_seconds - waited)
             bar.update()
             if loop.step % config.log_every == 0 or loop.step == end:
-                record = metrics.write({"step": loop.step, "split": "train", **meter.summary()})
+                record = metrics.write({"step": loop.step, "split": "train", **meter.summary(),
+                                        "data_position": loader.state_dict()})
                 result.records.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", al=f"{record['al']:.2f}")
                 log.info(_format(record))
@@ -150,10 +150,10 @@ def setup(config: TrainConfig) -> Run:
                           rank=world.rank, world_size=world.size, pin_memory=device.type == "cuda")
     loop = LoopState()
     precision = resolve_precision(config.precision, device.type)
+    # Each in a layout that does not depend on the rank count (the data position is global).
     components = {"model": ShardedModelState(model) if world.sharded else model,
-                  "optimizer": ShardedOptimizerState(model, optimizer) if world.sharded else optimizer,
-                  "scheduler": scheduler,
-                  "data": RankedLoaderState(loader, world), "rng": RNGState(), "loop": loop}
+                  "optimizer": OptimizerState(model, optimizer), "scheduler": scheduler,
+                  "data": loader, "rng": RNGState(), "loop": loop}
     log.info("%s: draft of %d trainable params, draft vocab %d, %d train / %d held-out samples%s, "
              "%d rank(s) on %s, %s matmuls (precision = %s)", config.out,
              sum(p.numel() for p in model.parameters() if p.requires_grad), vocab.size,
@@ -178,12 +178,12 @@ def resume(run: Run) -> None:
 
 
 def save(run: Run) -> Path:
-    """Checkpoint on rank 0 (every rank contributes its data position)."""
+    """Checkpoint on rank 0 (every rank takes part in gathering sharded state)."""
     state = {name: c.state_dict() for name, c in run.components.items()}
     _check_ranks_agree(run)
     path = run.checkpointer.dir / checkpoint_name(run.loop.step)
     if run.world.is_main:
-        meta = {**run.meta, "data_position": state["data"]["ranks"], "tokens": run.loop.tokens}
+        meta = {**run.meta, "data_position": state["data"], "tokens": run.loop.tokens}
         path = run.checkpointer.save(run.loop.step, state, meta)
     run.world.barrier()
     return path
@@ -224,7 +224,7 @@ def evaluate(model: Eagle3Draft, head: TargetHead, batches: Iterator[Batch], con
         batch = batch.to(device)
         with autocast(device, precision):
             out = ttt_loss(model, head, batch, config)
-        meter.add({"out": out}, batch.tokens)
+        meter.add({"out": out}, batch.tokens, samples=batch.samples)
     return meter.summary(train=False)
 
 
@@ -272,18 +272,19 @@ class Meter:
         self.ce_sum = torch.zeros(k, dtype=torch.float64)
         self.correct = torch.zeros(k, dtype=torch.float64)
         self.counted = torch.zeros(k, dtype=torch.float64)
-        self.tokens = self.data_wait = 0.0
+        self.tokens = self.samples = self.data_wait = 0.0
         self.losses: list[float] = []
         self.grad_norm = self.lr = 0.0
         self.started = time.perf_counter()
 
-    def add(self, step: dict[str, Any], tokens: int, data_wait: float = 0.0) -> None:
+    def add(self, step: dict[str, Any], tokens: int, *, samples: int, data_wait: float = 0.0) -> None:
         out: TTTOutput = step["out"]
         counted = out.counted.double().cpu()
         self.ce_sum += out.step_loss.double().cpu() * counted
         self.correct += out.correct.double().cpu()
         self.counted += counted
         self.tokens += tokens
+        self.samples += samples
         self.data_wait += data_wait
         if "loss" in step:
             self.losses.append(step["loss"])
@@ -293,11 +294,11 @@ class Meter:
         elapsed = time.perf_counter() - self.started
         k = len(self.weights)
         local = torch.cat([self.ce_sum, self.correct, self.counted,
-                           torch.tensor([self.tokens, sum(self.losses), len(self.losses), self.data_wait],
-                                        dtype=torch.float64)])
+                           torch.tensor([self.tokens, self.samples, sum(self.losses), len(self.losses),
+                                         self.data_wait], dtype=torch.float64)])
         total = self.world.sum(local.to(self.world.device) if self.world.size > 1 else local).cpu()
         ce_sum, correct, counted = total[:k], total[k:2 * k], total[2 * k:3 * k]
-        tokens, loss_sum, n_losses, data_wait = total[3 * k:].tolist()
+        tokens, samples, loss_sum, n_losses, data_wait = total[3 * k:].tolist()
         acc = (correct / counted.clamp_min(1)).tolist()
         step_ce = ce_sum / counted.clamp_min(1)
         record: dict[str, Any] = {
@@ -308,6 +309,7 @@ class Meter:
             "al": acceptance_length(acc),
             "counted_tokens": [int(c) for c in counted.tolist()],
             "tokens": int(tokens),
+            "samples": int(samples),
         }
         if train:
             record.update(lr=self.lr, grad_norm=self.grad_norm, tokens_per_s=tokens / elapsed,
@@ -424,11 +426,13 @@ def _run_meta(config: TrainConfig, ds: Dataset, arch: DraftArch, world: World,
               init: dict[str, Any] | None, precision: str) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
-        # What must match on resume; the data position is per rank, so the rank count too.
-        # precision as resolved here: an "auto" run started on a CPU with AMX (bf16) must not
-        # go on in fp32 on one without.
-        "identity": {**config.identity(), "world_size": world.size, "precision": precision,
-                     "draft.init_sha256": init and init["sha256"]},
+        # What must match on resume. The global batch (micro-batches per step, all ranks
+        # together), not the rank count: the checkpoint's state is the same on any (elastic
+        # resume). precision as resolved here: an "auto" run started on a CPU with AMX (bf16)
+        # must not go on in fp32 on one without.
+        "identity": {**config.identity(), "global_micro_batches": world.size * config.data.micro_batches,
+                     "precision": precision, "draft.init_sha256": init and init["sha256"]},
+        "world_size": world.size,
         "init": init,
         "dataset_fingerprint": dataset_fingerprint(ds),
         "dataset_path": str(config.data.path),
@@ -444,9 +448,16 @@ def _run_meta(config: TrainConfig, ds: Dataset, arch: DraftArch, world: World,
 
 
 def _check_ranks_agree(run: Run) -> None:
-    """Ranks apply the same averaged update, so their weights must be equal; check before saving
-    (sharded ranks hold different shards: nothing to compare)."""
-    if run.world.size == 1 or run.world.sharded:
+    """Ranks take their steps from one global stream, so their data positions must be equal, and
+    apply the same averaged update, so their weights must be too; check before saving (sharded
+    ranks hold different shards: no weights to compare)."""
+    if run.world.size == 1:
+        return
+    positions = run.world.gather(run.loader.state_dict())
+    if any(p != positions[0] for p in positions):
+        raise RuntimeError(f"ranks are at different data positions at step {run.loop.step} ({positions}); "
+                           "refusing to checkpoint a diverged run")
+    if run.world.sharded:
         return
     with torch.no_grad():
         digest = float(sum(p.double().abs().sum() for p in run.model.parameters()))
