@@ -17,6 +17,9 @@ both visible. Whatever a killed driver left that the manifest does not list is d
 restart; the samples in the shards (`done_ids`) and the quarantined rows (by file and row)
 are skipped, and the rest is done again. A source chat that appears twice is one sample:
 its later rows are quarantined as duplicates of the first.
+
+Disk. Before anything starts, a job whose disk plan (factory.plan) needs more than the free
+space is refused.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.inputs import InputError, MediaPaths, SourceRow, count_rows, normalize, read_rows
+from factory.inputs import MediaPaths, SourceRow, count_rows, read_rows
 from factory.job import JobConfig, JobConfigError, OutputConfig
+from factory.plan import plan_job
 from factory.ray_auth import own_token, token_in_process
-from factory.render import RenderedRow, conversation_id
-from factory.resample import Outcome, Prompt
-from factory.rows import RowFailure, is_row_failure, row_reason
+from factory.render import RenderedRow
+from factory.resample import Outcome, Prompt, read_prompt
+from factory.rows import RowFailure
 from shared.manifest import DatasetHeader, ManifestError, load_manifest, save_manifest
 from shared.shards import Sample, SampleError, ShardWriter
 from shared.storage import atomic_write_bytes
@@ -534,35 +538,25 @@ class _Driver:
                  ) -> Iterator[Prompt | QuarantineRecord]:
         """Input rows in order, as prompts to run or records to quarantine; what an earlier run
         finished is skipped."""
-        settings = self.job.sampling.generation_settings()
         first_seen: dict[str, str] = {}
         for src in read_rows(self.job.input):
             progress.read += 1
             if (src.file, src.row) in quarantined:
                 progress.skipped += 1
                 continue
-            try:
-                if src.error is not None:
-                    raise InputError(src.error)
-                messages = normalize(src.data, self.job.input, self.p.media)
-                sample_id = conversation_id(messages, **settings)
-            except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
-                yield _record(src, "read", str(e))
+            item = read_prompt(src, self.job, self.p.media)
+            if isinstance(item, str):
+                yield _record(src, "read", item)
                 continue
-            except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
-                if not is_row_failure(e):
-                    raise
-                yield _record(src, "read", row_reason(e, "read"))
+            if item.sample_id in first_seen:
+                yield _record(src, "read", f"duplicate of {first_seen[item.sample_id]} (same chat, same settings)",
+                              item.sample_id)
                 continue
-            if sample_id in first_seen:
-                yield _record(src, "read", f"duplicate of {first_seen[sample_id]} (same chat, same settings)",
-                              sample_id)
-                continue
-            first_seen[sample_id] = f"{src.file}:{src.row}"
-            if sample_id in done:
+            first_seen[item.sample_id] = f"{src.file}:{src.row}"
+            if item.sample_id in done:
                 progress.skipped += 1
                 continue
-            yield Prompt(sample_id=sample_id, source_index=src.index, file=src.file, row=src.row, messages=messages)
+            yield item
 
     def _report(self, out: JobOutput, progress: Progress) -> dict[str, Any]:
         m = out.manifest
@@ -592,12 +586,14 @@ def run_job(job: JobConfig, *, media: MediaPaths, show_progress: bool = True) ->
     """Run (or resume) a job to completion; return its report. Starts a local Ray unless the
     job names an address (or Ray is already initialised). `media`: which files the rows' media
     paths may name; `MediaPaths()` for the user's own (`factory run`), the job service confines
-    them to its roots."""
+    them to its roots. Refuses, before anything starts, a job whose disk plan (factory.plan)
+    needs more than the free space, unless output.ignore_free_space is set."""
     existing = _existing_report(job)
     if existing is not None:
         log.info("%s is already complete; nothing to do", job.output.dir)
         return existing
     _check_thinking(job)
+    _check_free_space(job, media, show_progress)
     job.output.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with _ray_session(job):
@@ -649,6 +645,18 @@ def _check_thinking(job: JobConfig) -> None:
     if "enable_thinking" not in template:
         raise JobConfigError(f"sampling.thinking is set, but the chat template of {job.model} has no thinking "
                              f"switch (enable_thinking); leave sampling.thinking out")
+
+
+def _check_free_space(job: JobConfig, media: MediaPaths, show_progress: bool) -> None:
+    """Refuse a job whose disk plan needs more than the free space where it goes."""
+    if job.output.ignore_free_space:
+        log.info("output.ignore_free_space is set: the data set's size is not checked against the free space")
+        return
+    plan = plan_job(job, media=media, show_progress=show_progress)
+    if not plan.fits:
+        raise FactoryError(plan.refusal())
+    log.info("disk plan: %s bytes to write (%s), %s bytes free in %s", f"{plan.needed_bytes:,}",
+             "exact" if plan.exact else "an upper bound", f"{plan.free_bytes:,}", plan.volume)
 
 
 @contextlib.contextmanager
