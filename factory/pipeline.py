@@ -19,7 +19,9 @@ are skipped, and the rest is done again. A source chat that appears twice is one
 its later rows are quarantined as duplicates of the first.
 
 Disk. Before anything starts, a job whose disk plan (factory.plan) needs more than the free
-space is refused.
+space is refused. A disk that fills anyway stops the job (the job's failure, never a row's):
+the open shard, never listed, is deleted, nothing else is committed (its IPC writer cannot be
+finished after a failed write), and running the job again once space is freed resumes it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -42,7 +45,7 @@ from factory.plan import plan_job
 from factory.ray_auth import own_token, token_in_process
 from factory.render import RenderedRow
 from factory.resample import Outcome, Prompt, read_prompt
-from factory.rows import RowFailure
+from factory.rows import RowFailure, disk_full
 from shared.manifest import DatasetHeader, ManifestError, load_manifest, save_manifest
 from shared.shards import Sample, SampleError, ShardWriter
 from shared.storage import atomic_write_bytes
@@ -217,8 +220,9 @@ class Progress:
             "finish_reasons": dict(self.finish_reasons),
         }
 
-    def close(self) -> None:
-        self.tick(force=True)
+    def close(self, *, write: bool = True) -> None:
+        if write:
+            self.tick(force=True)
         self._bar.close()
 
 
@@ -392,20 +396,31 @@ class _Driver:
         started = time.monotonic()
         header = ray.get(self.p.captures[0].header.remote())
         self.p.timings["capture_ready_s"] = round(time.monotonic() - started, 1)
-        out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
-        atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
-        done, quarantined = out.done_ids(), out.quarantined()
-        progress = Progress(path=out.dir / PROGRESS_NAME, total=count_rows(self.job.input), show=self.show_progress)
+        out: JobOutput | None = None
         try:
-            self._loop(out, progress, done, quarantined)
-        except BaseException:
-            # Samples already captured are complete and valid: keep them, then stop.
-            out.commit()
+            out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
+            atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
+            done, quarantined = out.done_ids(), out.quarantined()
+            progress = Progress(path=out.dir / PROGRESS_NAME, total=count_rows(self.job.input),
+                                show=self.show_progress)
+            try:
+                self._loop(out, progress, done, quarantined)
+            except BaseException as e:
+                # Samples already captured are complete and valid: keep them, then stop. Not on a
+                # full disk: the open shard is broken there, and a commit would only fail again.
+                if not disk_full(e):
+                    out.commit()
+                progress.close(write=not disk_full(e))
+                raise
             progress.close()
-            raise
-        progress.close()
-        report = self._report(out, progress)
-        out.close({"report": report})
+            report = self._report(out, progress)
+            out.close({"report": report})
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            if out is not None:
+                out.abort()  # the partial shard: never listed, and deleting it gives its space back
+            raise FactoryError(_disk_full_message(self.job.output.dir, e)) from e
         log.info("job complete: %s", json.dumps(report))
         return report
 
@@ -573,6 +588,20 @@ class _Driver:
                          **{k: v for k, v in progress.snapshot().items()
                             if k in ("elapsed_s", "stages", "finish_reasons", "skipped_already_done")}},
         }
+
+
+def _disk_full_message(directory: Path, error: OSError) -> str:
+    """What a job stopped by a full disk says: what it kept, and how to go on."""
+    try:
+        manifest = load_manifest(directory)
+        kept = f"the {manifest.rows} samples of its {len(manifest.shards)} listed shards are kept"
+    except ManifestError:
+        kept = "nothing was committed"
+    free = shutil.disk_usage(directory).free
+    return (f"the disk holding {directory} is full ({error.strerror or error}; {free:,} bytes free now); the job "
+            f"stopped: {kept}, and no partial shard is listed. Free space (`specmill factory plan` with the "
+            f"same job says how much the finished data set needs) and run the same job again: it resumes, "
+            f"each row exactly once")
 
 
 def _record(src: SourceRow, stage: str, reason: str, sample_id: str | None = None) -> QuarantineRecord:
