@@ -115,7 +115,7 @@ class DiskPlan:
     def refusal(self) -> str:
         bound = "exactly" if self.exact else "at most"
         return (f"the job's data set does not fit in {self.output}: it needs {self.needed_bytes:,} bytes "
-                f"({_human(self.needed_bytes)}) more ({bound} {self.tokens:,} tokens x {self.size.per_token:,} "
+                f"({_human(self.needed_bytes)}) to write ({bound} {self.tokens:,} tokens x {self.size.per_token:,} "
                 f"bytes per token in {self.samples:,} samples, plus manifest and job files, less "
                 f"{self.committed_bytes:,} already written) but the file system of {self.volume} has "
                 f"{self.free_bytes:,} bytes ({_human(self.free_bytes)}) free. Free space, lower input.max_samples"
