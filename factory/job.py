@@ -209,6 +209,9 @@ class OutputConfig:
     shard_bytes: int = 256 << 20
     commit_every: int = 64  # samples (written or quarantined) between commits
     commit_interval_s: float = 60.0  # ... or seconds, whichever comes first
+    # The job is refused before it starts when its disk plan (factory.plan: an upper bound on
+    # the finished data set) exceeds the free space where it goes; true runs it anyway.
+    ignore_free_space: bool = False
 
     def __post_init__(self) -> None:
         if self.dir is None:

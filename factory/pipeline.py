@@ -17,6 +17,11 @@ both visible. Whatever a killed driver left that the manifest does not list is d
 restart; the samples in the shards (`done_ids`) and the quarantined rows (by file and row)
 are skipped, and the rest is done again. A source chat that appears twice is one sample:
 its later rows are quarantined as duplicates of the first.
+
+Disk. Before anything starts, a job whose disk plan (factory.plan) needs more than the free
+space is refused. A disk that fills anyway stops the job (the job's failure, never a row's):
+the open shard, never listed, is deleted, nothing else is committed (its IPC writer cannot be
+finished after a failed write), and running the job again once space is freed resumes it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -33,12 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.inputs import InputError, MediaPaths, SourceRow, count_rows, normalize, read_rows
+from factory.inputs import MediaPaths, SourceRow, count_rows, read_rows
 from factory.job import JobConfig, JobConfigError, OutputConfig
+from factory.plan import plan_job
 from factory.ray_auth import own_token, token_in_process
-from factory.render import RenderedRow, conversation_id
-from factory.resample import Outcome, Prompt
-from factory.rows import RowFailure, is_row_failure, row_reason
+from factory.render import RenderedRow
+from factory.resample import Outcome, Prompt, read_prompt
+from factory.rows import RowFailure, disk_full
 from shared.manifest import DatasetHeader, ManifestError, load_manifest, save_manifest
 from shared.shards import Sample, SampleError, ShardWriter
 from shared.storage import atomic_write_bytes
@@ -213,8 +220,9 @@ class Progress:
             "finish_reasons": dict(self.finish_reasons),
         }
 
-    def close(self) -> None:
-        self.tick(force=True)
+    def close(self, *, write: bool = True) -> None:
+        if write:
+            self.tick(force=True)
         self._bar.close()
 
 
@@ -388,20 +396,31 @@ class _Driver:
         started = time.monotonic()
         header = ray.get(self.p.captures[0].header.remote())
         self.p.timings["capture_ready_s"] = round(time.monotonic() - started, 1)
-        out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
-        atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
-        done, quarantined = out.done_ids(), out.quarantined()
-        progress = Progress(path=out.dir / PROGRESS_NAME, total=count_rows(self.job.input), show=self.show_progress)
+        out: JobOutput | None = None
         try:
-            self._loop(out, progress, done, quarantined)
-        except BaseException:
-            # Samples already captured are complete and valid: keep them, then stop.
-            out.commit()
+            out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
+            atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
+            done, quarantined = out.done_ids(), out.quarantined()
+            progress = Progress(path=out.dir / PROGRESS_NAME, total=count_rows(self.job.input),
+                                show=self.show_progress)
+            try:
+                self._loop(out, progress, done, quarantined)
+            except BaseException as e:
+                # Samples already captured are complete and valid: keep them, then stop. Not on a
+                # full disk: the open shard is broken there, and a commit would only fail again.
+                if not disk_full(e):
+                    out.commit()
+                progress.close(write=not disk_full(e))
+                raise
             progress.close()
-            raise
-        progress.close()
-        report = self._report(out, progress)
-        out.close({"report": report})
+            report = self._report(out, progress)
+            out.close({"report": report})
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            if out is not None:
+                out.abort()  # the partial shard: never listed, and deleting it gives its space back
+            raise FactoryError(_disk_full_message(self.job.output.dir, e)) from e
         log.info("job complete: %s", json.dumps(report))
         return report
 
@@ -534,35 +553,25 @@ class _Driver:
                  ) -> Iterator[Prompt | QuarantineRecord]:
         """Input rows in order, as prompts to run or records to quarantine; what an earlier run
         finished is skipped."""
-        settings = self.job.sampling.generation_settings()
         first_seen: dict[str, str] = {}
         for src in read_rows(self.job.input):
             progress.read += 1
             if (src.file, src.row) in quarantined:
                 progress.skipped += 1
                 continue
-            try:
-                if src.error is not None:
-                    raise InputError(src.error)
-                messages = normalize(src.data, self.job.input, self.p.media)
-                sample_id = conversation_id(messages, **settings)
-            except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
-                yield _record(src, "read", str(e))
+            item = read_prompt(src, self.job, self.p.media)
+            if isinstance(item, str):
+                yield _record(src, "read", item)
                 continue
-            except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
-                if not is_row_failure(e):
-                    raise
-                yield _record(src, "read", row_reason(e, "read"))
+            if item.sample_id in first_seen:
+                yield _record(src, "read", f"duplicate of {first_seen[item.sample_id]} (same chat, same settings)",
+                              item.sample_id)
                 continue
-            if sample_id in first_seen:
-                yield _record(src, "read", f"duplicate of {first_seen[sample_id]} (same chat, same settings)",
-                              sample_id)
-                continue
-            first_seen[sample_id] = f"{src.file}:{src.row}"
-            if sample_id in done:
+            first_seen[item.sample_id] = f"{src.file}:{src.row}"
+            if item.sample_id in done:
                 progress.skipped += 1
                 continue
-            yield Prompt(sample_id=sample_id, source_index=src.index, file=src.file, row=src.row, messages=messages)
+            yield item
 
     def _report(self, out: JobOutput, progress: Progress) -> dict[str, Any]:
         m = out.manifest
@@ -581,6 +590,20 @@ class _Driver:
         }
 
 
+def _disk_full_message(directory: Path, error: OSError) -> str:
+    """What a job stopped by a full disk says: what it kept, and how to go on."""
+    try:
+        manifest = load_manifest(directory)
+        kept = f"the {manifest.rows} samples of its {len(manifest.shards)} listed shards are kept"
+    except ManifestError:
+        kept = "nothing was committed"
+    free = shutil.disk_usage(directory).free
+    return (f"the disk holding {directory} is full ({error.strerror or error}; {free:,} bytes free now); the job "
+            f"stopped: {kept}, and no partial shard is listed. Free space (`specmill factory plan` with the "
+            f"same job says how much the finished data set needs) and run the same job again: it resumes, "
+            f"each row exactly once")
+
+
 def _record(src: SourceRow, stage: str, reason: str, sample_id: str | None = None) -> QuarantineRecord:
     return QuarantineRecord(file=src.file, row=src.row, index=src.index, stage=stage, reason=reason, sample_id=sample_id)
 
@@ -592,12 +615,14 @@ def run_job(job: JobConfig, *, media: MediaPaths, show_progress: bool = True) ->
     """Run (or resume) a job to completion; return its report. Starts a local Ray unless the
     job names an address (or Ray is already initialised). `media`: which files the rows' media
     paths may name; `MediaPaths()` for the user's own (`factory run`), the job service confines
-    them to its roots."""
+    them to its roots. Refuses, before anything starts, a job whose disk plan (factory.plan)
+    needs more than the free space, unless output.ignore_free_space is set."""
     existing = _existing_report(job)
     if existing is not None:
         log.info("%s is already complete; nothing to do", job.output.dir)
         return existing
     _check_thinking(job)
+    _check_free_space(job, media, show_progress)
     job.output.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with _ray_session(job):
@@ -649,6 +674,18 @@ def _check_thinking(job: JobConfig) -> None:
     if "enable_thinking" not in template:
         raise JobConfigError(f"sampling.thinking is set, but the chat template of {job.model} has no thinking "
                              f"switch (enable_thinking); leave sampling.thinking out")
+
+
+def _check_free_space(job: JobConfig, media: MediaPaths, show_progress: bool) -> None:
+    """Refuse a job whose disk plan needs more than the free space where it goes."""
+    if job.output.ignore_free_space:
+        log.info("output.ignore_free_space is set: the data set's size is not checked against the free space")
+        return
+    plan = plan_job(job, media=media, show_progress=show_progress)
+    if not plan.fits:
+        raise FactoryError(plan.refusal())
+    log.info("disk plan: %s bytes to write (%s), %s bytes free in %s", f"{plan.needed_bytes:,}",
+             "exact" if plan.exact else "an upper bound", f"{plan.free_bytes:,}", plan.volume)
 
 
 @contextlib.contextmanager

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from factory.answers import AnswerRenderer, TokenChat
-from factory.inputs import InputError, MediaPaths, has_media, resample_turns, to_renderer_messages
-from factory.job import SamplingConfig, ServersConfig
-from factory.render import Conversation, RenderConfig, RenderedRow, RenderError, Renderer, RenderStatus
+from factory.inputs import (InputError, MediaPaths, SourceRow, has_media, normalize, resample_turns,
+                            to_renderer_messages)
+from factory.job import JobConfig, SamplingConfig, ServersConfig
+from factory.render import Conversation, RenderConfig, RenderedRow, RenderError, Renderer, RenderStatus, conversation_id
 from factory.rows import JobFailure, is_row_failure, row_reason
 from factory.targets import Frontend
 from factory.vllm_server import VllmServer, VllmServerConfig
@@ -64,6 +65,23 @@ class Prompt:
     file: str
     row: int
     messages: list[dict[str, Any]]  # OpenAI form
+
+
+def read_prompt(src: SourceRow, job: JobConfig, media: MediaPaths) -> Prompt | str:
+    """One input row as the prompt the job runs, or the reason to quarantine it at read.
+    (Duplicates are the caller's to find: that needs the rows before.)"""
+    try:
+        if src.error is not None:
+            raise InputError(src.error)
+        messages = normalize(src.data, job.input, media)
+        sample_id = conversation_id(messages, **job.sampling.generation_settings())
+    except (InputError, TypeError) as e:  # TypeError: a value JSON cannot hold (Parquet binary)
+        return str(e)
+    except Exception as e:  # the row boundary (factory.rows): what one row raises quarantines that row
+        if not is_row_failure(e):
+            raise
+        return row_reason(e, "read")
+    return Prompt(sample_id=sample_id, source_index=src.index, file=src.file, row=src.row, messages=messages)
 
 
 @dataclass(kw_only=True, slots=True)

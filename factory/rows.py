@@ -28,6 +28,7 @@ from dataclasses import dataclass
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
                             errno.ENOMEM})
 REASON_CHARS = 500
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class JobFailure(RuntimeError):
@@ -52,6 +53,11 @@ def machine_trouble(e: BaseException) -> bool:
     if torch is not None and isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, OSError) and e.errno in MACHINE_ERRNOS
+
+
+def disk_full(e: BaseException) -> bool:
+    """No space left (or the quota spent) where the job writes."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
 
 
 def is_row_failure(e: BaseException) -> bool:

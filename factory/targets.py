@@ -385,6 +385,25 @@ class TargetMetadata:
         return ids  # type: ignore[return-value]
 
 
+class TargetFromConfig(TargetMetadata):
+    """A target known from its config.json, tokenizer and chat template alone, without its
+    weights: enough to render rows and to say what its shards will look like (a disk plan)."""
+
+    def __init__(self, config: TargetConfig):
+        raw = read_json(config.model / "config.json")
+        self.spec = spec_for(raw.get("model_type", ""), family=config.family)
+        text = raw.get(self.spec.text_config, {}) if self.spec.text_config else raw
+        try:
+            self.hidden_size, self.num_layers, self.vocab_size = (
+                int(text[k]) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
+        except KeyError as e:
+            where = f"config.json {self.spec.text_config}" if self.spec.text_config else "config.json"
+            raise TargetError(f"{config.model}: {where} has no {e.args[0]}") from None
+        self.frontend = Frontend.load(config, self.spec)
+        self.name = config.name
+        self._fingerprints = target_fingerprints(config.model, self.frontend.chat_template)
+
+
 class HFTarget(TargetMetadata):
     """A target run by transformers in this process."""
 

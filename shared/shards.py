@@ -35,6 +35,7 @@ import bisect
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -106,6 +107,84 @@ def shard_schema(header: DatasetHeader) -> pa.Schema:
         ],
         metadata={"specmill.hidden_size": str(h), "specmill.dtype": dt},
     )
+
+
+# Bytes per element of the dtypes shard_schema's tensor columns name.
+_ITEMSIZE = {"int32": 4, "uint8": 1, "bfloat16": 2, "float16": 2}
+_IPC_ALIGNMENT = 8  # pyarrow's IPC writer pads every buffer of a record batch to this
+_FOOTER_BLOCK_BYTES = 24  # the file footer's entry for each record batch (see sample_codec.record_batch_blocks)
+_SAMPLE_ID_CHARS = 32  # factory.render.conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSize:
+    """What samples of one data set take on disk, read off `shard_schema` and pyarrow's IPC
+    writer, so another encoding (dtype, columns) changes it by itself:
+
+    - `per_token`: the tensor columns whose shape has T (input_ids, loss_mask, the hidden states;
+      position_ids for mRoPE targets), e.g. 4*H*2 + 4 + 1 bytes for bf16;
+    - `per_sample`: an upper bound on the rest of a sample's record batch (its message, the
+      scalar and text columns, buffer padding) and its footer entry;
+    - `per_shard`: a shard file with no sample (the schema, the footer, the magic)."""
+
+    per_token: int
+    per_sample: int
+    per_shard: int
+    columns: tuple[tuple[str, int], ...] = ()  # per_token by column: (name, bytes per token)
+
+    def bytes(self, *, tokens: int, samples: int, shards: int) -> int:
+        return tokens * self.per_token + samples * self.per_sample + shards * self.per_shard
+
+
+def shard_size(header: DatasetHeader, *, position_ids: bool = False) -> ShardSize:
+    """The size model of `header`'s shards; `position_ids`: samples carry mRoPE positions."""
+    schema = shard_schema(header)
+    columns = []
+    for f in schema:
+        meta = f.metadata or {}
+        if b"shape" not in meta or (f.name == "position_ids" and not position_ids):
+            continue
+        dims = meta[b"shape"].decode().strip("[]").split(",")
+        if "T" not in dims:
+            raise ValueError(f"shard_size: column {f.name} has shape {dims} without T; a per-sample tensor "
+                             f"column needs its own term here")
+        dtype = meta[b"dtype"].decode()
+        if dtype not in _ITEMSIZE:
+            raise ValueError(f"shard_size: column {f.name} has dtype {dtype!r}; add its size to _ITEMSIZE")
+        columns.append((f.name, _ITEMSIZE[dtype] * math.prod(int(d) for d in dims if d != "T")))
+    per_token = sum(n for _, n in columns)
+    empty = _ipc_file_bytes(schema, [])
+    one_token = _ipc_file_bytes(schema, [_probe_batch(schema, position_ids)]) - empty
+    # A tensor's data buffer is padded to the alignment: at one token the padding is what it
+    # is, at T tokens up to alignment - 1 bytes; the allowance covers any T.
+    per_sample = one_token - per_token + len(columns) * (_IPC_ALIGNMENT - 1) + _FOOTER_BLOCK_BYTES
+    return ShardSize(per_token=per_token, per_sample=per_sample, per_shard=empty, columns=tuple(columns))
+
+
+def _probe_batch(schema: pa.Schema, position_ids: bool) -> pa.RecordBatch:
+    """A one-token sample with the longest values its text columns hold (no modality spans)."""
+    columns = []
+    for f in schema:
+        meta = f.metadata or {}
+        if b"shape" in meta and (f.name != "position_ids" or position_ids):
+            dims = meta[b"shape"].decode().strip("[]").split(",")
+            n = _ITEMSIZE[meta[b"dtype"].decode()] * math.prod(1 if d == "T" else int(d) for d in dims)
+            columns.append(pa.array([b"\0" * n], f.type))
+        elif f.name == "sample_id":
+            columns.append(pa.array(["0" * _SAMPLE_ID_CHARS], f.type))
+        elif f.name == "finish_reason":
+            columns.append(pa.array(["length"], f.type))
+        else:
+            columns.append(pa.nulls(1, f.type) if f.nullable else pa.array([0], f.type))
+    return pa.record_batch(columns, schema=schema)
+
+
+def _ipc_file_bytes(schema: pa.Schema, batches: list[pa.RecordBatch]) -> int:
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().size
 
 
 @dataclass(kw_only=True, slots=True)
@@ -337,8 +416,11 @@ class _OpenShard:
         return info, self.counts
 
     def discard(self) -> None:
-        self._writer.close()
-        self._sink.close()
+        # After a failed write (a full disk) closing the IPC writer fails again; the file goes anyway.
+        with contextlib.suppress(OSError, pa.ArrowException):
+            self._writer.close()
+        with contextlib.suppress(OSError):
+            self._sink.close()
         self.tmp.unlink(missing_ok=True)
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)

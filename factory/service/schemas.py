@@ -27,6 +27,8 @@ class JobCreate(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="max tokens per answer")
     temperatures: list[float] | None = Field(None, description="the temperature mix")
     keep_original_answers: bool | None = Field(None, description="render the data set's own answers; no vLLM")
+    ignore_free_space: bool | None = Field(None, description="run the job even when its disk plan exceeds the "
+                                                             "free space where it goes (refused otherwise)")
     job: dict[str, Any] | None = Field(None, description="the job file's tables (see factory/job.py), as JSON")
 
 

@@ -11,6 +11,10 @@ checks, the service enforces:
   The media files rows name are confined the same way when the worker reads them
   (`media_paths`), where a refused path and a missing one get the same reason.
 - bounds: `max_samples` is required (if so configured) and capped, `max_tokens` capped.
+- free space: not at submit (a job may wait in the queue while the disk fills or empties);
+  the worker refuses a job whose disk plan exceeds the free space right before it runs, as
+  `factory run` does, and the job fails with the numbers in `error`
+  (`ignore_free_space` runs it anyway).
 - service-owned keys: the Ray address and local-Ray sizing are the service's; the keys that
   start processes with arbitrary flags or environment, or call arbitrary hosts, only when
   the service allows them.
@@ -31,7 +35,8 @@ from factory.service.settings import ServiceSettings
 # Flat spec keys (as the flags of `factory run`) -> job keys.
 FLAT_KEYS = {"model": "model", "prompts": "input.paths", "out": "output.dir", "max_samples": "input.max_samples",
              "max_tokens": "sampling.max_tokens", "temperatures": "sampling.temperatures",
-             "keep_original_answers": "sampling.keep_original_answers"}
+             "keep_original_answers": "sampling.keep_original_answers",
+             "ignore_free_space": "output.ignore_free_space"}
 SERVICE_KEYS = ("ray.address", "ray.num_cpus", "ray.object_store_mb")
 SERVER_OVERRIDE_KEYS = ("servers.urls", "servers.env", "servers.vllm_args")
 

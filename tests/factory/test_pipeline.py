@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,6 +328,52 @@ def _kill_worker_when(proc: subprocess.Popen, out: Path, actor: str, ready, time
                     return True
         time.sleep(0.05)
     return False
+
+
+@pytest.mark.slow  # three `factory run`s (two with Ray) on a tiny target: about a minute on 2 cores
+def test_a_job_that_fills_its_disk_stops_clearly_and_resumes_exactly_once_after_space_is_freed(
+        tmp_path, smollm_dir, original_inputs):
+    """A 4 MiB tmpfs with a ballast file leaving room for about half the data set: the job is refused
+    up front naming the numbers; forced, it runs out of space mid-run and stops with a clear error,
+    no partial shard listed or left behind; with the ballast gone it resumes to every row exactly once."""
+    from factory.inputs import MediaPaths
+    from factory.plan import plan_job
+    from shared.shards import verify
+    from tiny_models import build_tiny_causal_lm
+
+    from small_fs import small_filesystem
+
+    tiny = build_tiny_causal_lm("llama", tmp_path / "tiny", tokenizer_dir=smollm_dir)
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        out = disk / "out"
+        job = write_job(tmp_path / "job.toml", tiny, original_inputs, out, sampling={"keep_original_answers": True})
+        plan = plan_job(load_job(job), media=MediaPaths())
+        ballast = disk / "ballast"
+        ballast.write_bytes(bytes(shutil.disk_usage(disk).free - plan.total_bytes // 2))
+        free = shutil.disk_usage(disk).free
+
+        refused = run_tree(specmill("factory", "run", str(job), "--no-progress"), timeout=300)
+        assert refused.returncode == 1 and "error: the job's data set does not fit" in refused.stderr
+        assert f"needs {plan.needed_bytes:,} bytes" in refused.stderr and f"has {free:,} bytes" in refused.stderr
+        assert not out.exists()
+
+        full = run_tree(specmill("factory", "run", str(job), "--no-progress", "--ignore-free-space"), timeout=300)
+        assert full.returncode == 1, full.stderr[-3000:]
+        assert f"error: the disk holding {out} is full" in full.stderr and "no partial shard is listed" in full.stderr
+        assert "Traceback" not in full.stderr
+        stopped = load_manifest(out)
+        assert not stopped.complete and 0 < stopped.rows < plan.samples
+        assert verify(out).ok  # every listed shard whole
+        assert {p.name for p in out.iterdir() if p.suffix == ".arrow" or p.name.endswith(".tmp")} == \
+            {s.file for s in stopped.shards}
+
+        ballast.unlink()
+        resumed = run_job(job)
+        assert "reopening" not in resumed.stderr
+        c = contents(out)
+        assert_each_row_exactly_once(c, N_CHATS + 3 + 4)
+        assert c["tokens"] == plan.tokens and len(c["sample_ids"]) == plan.samples
+        assert sum(s.bytes for s in load_manifest(out).shards) <= plan.data_bytes
 
 
 # --------------------------------------------------------------------------- resampling jobs (real vLLM)

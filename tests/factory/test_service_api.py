@@ -18,6 +18,8 @@ from factory.service.dispatcher import write_spec
 from factory.service.worker import load_spec
 from factory.service.settings import ApiToken, ServiceSettings, SettingsError, load_settings, tokens_from_env
 
+from small_fs import small_filesystem
+
 ALICE, BOB, ROOT = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
 
 
@@ -209,6 +211,31 @@ def test_an_unbounded_job_is_refused(env):
         errors = bad_fields(submit(c, env, max_samples=101, job={"sampling": {"max_tokens": 65}}))
         assert set(errors) == {"max_samples", "job.sampling.max_tokens"}, errors
         assert submit(c, env, max_samples=100, max_tokens=64).status_code == 201
+
+
+def test_a_job_too_big_for_the_free_space_fails_in_its_worker_naming_the_numbers_unless_forced(client, env, capsys):
+    """Free space is checked when the job runs, not at submit (a queued job waits while the disk
+    fills or empties): the worker refuses the job before it starts anything, and what it prints
+    is the failed job's `error`. `ignore_free_space` reaches the worker's job."""
+    from factory.default_model import DefaultModelConfig, prepare_default
+    from factory.service.worker import main as worker
+    from tiny_models import build_tiny_causal_lm
+
+    tiny = build_tiny_causal_lm("llama", env["models"] / "tiny-llama",
+                                tokenizer_dir=prepare_default(DefaultModelConfig(engine_check=False)))
+    chat = [{"role": "user", "content": "Say one."}, {"role": "assistant", "content": "One."}]
+    (env["data"] / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    settings, store = client.app.state.settings, client.app.state.store
+    with small_filesystem(env["data"] / "small", "16k"):
+        refused = submit(client, env, model=str(tiny), prompts="chat.jsonl", out="small/out").json()["id"]
+        assert worker([str(write_spec(settings, store.get(refused)))]) == 1
+        err = capsys.readouterr().err
+        assert "error: the job's data set does not fit in" in err
+        assert f"{env['data'] / 'small'} has {16 << 10:,} bytes (16.0 KiB) free" in err
+        forced = submit(client, env, model=str(tiny), prompts="chat.jsonl", out="small/forced",
+                        ignore_free_space=True).json()["id"]
+        job, _ = load_spec(write_spec(settings, store.get(forced)))
+        assert job.output.ignore_free_space
 
 
 @pytest.mark.parametrize("job", [{"ray": {"address": "ray://evil:10001"}}, {"ray": {"num_cpus": 64}},

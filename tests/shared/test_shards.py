@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +13,10 @@ import pytest
 import torch
 
 from shared.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from shared.shards import Dataset, Sample, SampleError, ShardError, ShardWriter, verify
+from shared.shards import Dataset, Sample, SampleError, ShardError, ShardWriter, shard_size, verify
 from shared.synth import SynthConfig, synthetic_samples, write_synthetic
+
+from small_fs import small_filesystem
 
 SMALL = SynthConfig(samples=24, hidden_size=64, mean_tokens=48, max_tokens=200, vocab=1000,
                     shard_bytes=64 << 10)
@@ -278,3 +282,43 @@ def test_tensors_are_views_of_the_map_and_writes_never_reach_the_file(small_ds):
     a.add_(1)  # a caller's in-place op: private to this process
     assert Dataset(small_ds)[0]["aux_hidden_states"].float().sum().item() == before
     assert verify(small_ds).ok
+
+
+def test_the_size_model_bounds_the_shards_written_within_a_hundred_bytes_a_sample(tmp_path):
+    """`shard_size` reads the encoding off the schema (bf16: three aux layers and the last hidden
+    state, 2 bytes a value, plus an int32 id and a uint8 mask a token) and never says less than
+    the writer writes."""
+    m = write_synthetic(tmp_path, SMALL)
+    size = shard_size(SMALL.header())
+    assert size.per_token == 4 * SMALL.hidden_size * 2 + 4 + 1
+    bound = size.bytes(tokens=m.tokens, samples=m.rows, shards=len(m.shards))
+    written = sum(s.bytes for s in m.shards)
+    assert written <= bound <= written + 100 * m.rows
+
+
+def test_a_full_disk_leaves_no_partial_shard_and_the_reopened_writer_adds_each_sample_once(tmp_path):
+    samples = list(synthetic_samples(SMALL))
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        ballast = disk / "ballast"
+        ballast.write_bytes(bytes(shutil.disk_usage(disk).free - (256 << 10)))  # room for about a third
+        out = disk / "ds"
+        writer = ShardWriter(out, SMALL.header(), shard_bytes=SMALL.shard_bytes)
+        with pytest.raises(OSError) as full:
+            for s in samples:
+                writer.add(s)
+        assert full.value.errno == errno.ENOSPC
+        writer.abort()
+        listed = load_manifest(out).shards
+        assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, *(s.file for s in listed)])  # no temporary file
+        assert verify(out).ok and 0 < sum(s.rows for s in listed) < len(samples)
+
+        ballast.unlink()
+        writer = ShardWriter(out, SMALL.header(), shard_bytes=SMALL.shard_bytes)
+        done = writer.done_ids()
+        for s in samples:
+            if s.sample_id not in done:
+                writer.add(s)
+        writer.close()
+        assert verify(out).ok
+        ds = Dataset(out)
+        assert sorted(ds[i]["sample_id"] for i in range(len(ds))) == sorted(s.sample_id for s in samples)
