@@ -51,6 +51,8 @@ def register_service(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperatures", type=float, nargs="+", default=None, help="the temperature mix")
     p.add_argument("--keep-original-answers", action="store_true", default=None,
                    help="keep the data set's answers (no resampling, no vLLM)")
+    p.add_argument("--capture-backend", choices=("auto", "vllm", "transformers"), default=None,
+                   help="what runs the target for hidden states (default auto: vllm for text targets)")
     p.set_defaults(func=_cmd_submit)
 
 
@@ -79,7 +81,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from factory.client import ServiceError, run_submit
 
     flags = {name: getattr(args, name) for name in ("model", "prompts", "out", "max_samples", "max_tokens",
-                                                     "temperatures", "keep_original_answers")}
+                                                     "temperatures", "keep_original_answers", "capture_backend")}
     try:
         return run_submit(args.url, args.token, args.job, flags, wait=args.wait,
                           idempotency_key=args.idempotency_key, echo=lambda line: print(line, flush=True))

@@ -27,6 +27,8 @@ class JobCreate(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="max tokens per answer")
     temperatures: list[float] | None = Field(None, description="the temperature mix")
     keep_original_answers: bool | None = Field(None, description="render the data set's own answers; no vLLM")
+    capture_backend: Literal["auto", "vllm", "transformers"] | None = Field(
+        None, description="what runs the target for hidden states (auto: vllm for text targets vLLM serves)")
     job: dict[str, Any] | None = Field(None, description="the job file's tables (see factory/job.py), as JSON")
 
 

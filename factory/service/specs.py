@@ -31,9 +31,9 @@ from factory.service.settings import ServiceSettings
 # Flat spec keys (as the flags of `factory run`) -> job keys.
 FLAT_KEYS = {"model": "model", "prompts": "input.paths", "out": "output.dir", "max_samples": "input.max_samples",
              "max_tokens": "sampling.max_tokens", "temperatures": "sampling.temperatures",
-             "keep_original_answers": "sampling.keep_original_answers"}
+             "keep_original_answers": "sampling.keep_original_answers", "capture_backend": "capture.backend"}
 SERVICE_KEYS = ("ray.address", "ray.num_cpus", "ray.object_store_mb")
-SERVER_OVERRIDE_KEYS = ("servers.urls", "servers.env", "servers.vllm_args")
+SERVER_OVERRIDE_KEYS = ("servers.urls", "servers.env", "servers.vllm_args", "capture.vllm_args", "capture.vllm_env")
 
 
 @dataclass(kw_only=True, slots=True)
