@@ -201,7 +201,7 @@ def _check_bounds(tables: dict[str, Any], where: dict[str, tuple[str, ...]],
 def _leaves(table: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k, v in table.items():
-        if isinstance(v, dict) and v and k not in ("env", "chat_template_kwargs"):
+        if isinstance(v, dict) and v and k not in ("env", "vllm_env", "chat_template_kwargs"):
             out += _leaves(v, f"{prefix}{k}.")
         else:
             out.append(prefix + str(k))
