@@ -280,6 +280,9 @@ class _CaptureActor:
     def run(self, rows: list[RenderedRow]) -> list[Sample]:
         return self.stage(rows)
 
+    def stop(self) -> None:
+        pass  # nothing runs beside this actor
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -302,6 +305,10 @@ class _VllmCaptureActor:
 
     async def run(self, rows: list[RenderedRow]) -> list[Sample | RowFailure]:
         return await self.stage.acall(rows)
+
+    def stop(self) -> None:
+        """Stop the capture server cleanly (SIGTERM to its process group), before Ray kills this actor."""
+        self.stage.close()
 
     def server_pid(self) -> int:
         """The capture server's pid (= its process group): what a test kills to simulate a crash."""
@@ -414,11 +421,11 @@ class Pipeline:
     def shutdown(self) -> None:
         import ray
 
-        for server in self.servers:
+        for actor in [*self.servers, *self.captures]:
             try:
-                ray.get(server.stop.remote(), timeout=60)
+                ray.get(actor.stop.remote(), timeout=60)
             except Exception as e:  # noqa: BLE001 - best effort: the actor may already be gone
-                log.warning("stopping a vLLM server actor failed: %s", e)
+                log.warning("stopping a server or capture actor failed: %s", e)
         for actor in [*self.resamplers, *self.captures, *self.servers]:
             ray.kill(actor)
 
