@@ -122,7 +122,11 @@ def spawn_reaper(pgid: int, *, remove: Path | None = None) -> subprocess.Popen:
     """A process that outlives this one by a moment: when its parent (a Ray actor owning a
     server) is gone, it kills the server's process group and removes `remove` (the server's
     scratch directory), so a restarted actor never finds an orphan holding the cores. Kill the
-    reaper when the server is stopped on purpose."""
+    reaper when the server is stopped on purpose.
+
+    In a session of its own: Ray 2.60 cleans up after a dead worker by killing the worker's
+    process group, which would take the reaper with it and leave the server (in its own session)
+    running, orphaned (seen in the capture-worker kill test)."""
     code = ("import os, shutil, signal, sys, time\n"
             "parent, pgid = os.getppid(), int(sys.argv[1])\n"
             "while os.getppid() == parent: time.sleep(0.5)\n"
@@ -131,4 +135,4 @@ def spawn_reaper(pgid: int, *, remove: Path | None = None) -> subprocess.Popen:
             "if len(sys.argv) > 2: shutil.rmtree(sys.argv[2], ignore_errors=True)\n")
     args = [str(pgid)] + ([str(remove)] if remove is not None else [])
     return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -25,7 +25,7 @@ from shared.shards import Dataset
 
 from dataset_contents import read_back
 from poison_rows import bomb_chat, bomb_png, deeply_nested_line, lone_surrogate_line
-from processes import kill_tree, marked, run_tree, start_tree
+from processes import kill_tree, leftovers, marked, run_tree, start_tree
 
 N_CHATS = 40
 
@@ -363,9 +363,12 @@ def test_a_killed_capture_worker_is_restarted_and_the_job_completes_exactly_once
         killed = _kill_worker_when(proc, out, CAPTURE_ACTOR[backend], lambda m: len(m.shards) >= 1,
                                    timeout=SECONDS[backend])
         stdout, stderr = proc.communicate(timeout=SECONDS[backend])
+        # The killed actor's capture server died with it (its reaper), the restarted one with the job.
+        servers_left = [cmd for cmd in leftovers(proc) if "api_server" in cmd]
     finally:
         kill_tree(proc)
     assert killed and proc.returncode == 0, stderr[-3000:]
+    assert not servers_left, servers_left
     assert "capture actor restarted after its worker died" in stderr
     assert contents(out) == reference["contents"]
 
@@ -379,9 +382,11 @@ def test_a_killed_capture_server_is_restarted_and_the_job_completes_exactly_once
     try:
         killed = _kill_capture_server_when(proc, out, lambda m: len(m.shards) >= 1, timeout=SECONDS["vllm"])
         stdout, stderr = proc.communicate(timeout=SECONDS["vllm"])
+        servers_left = [cmd for cmd in leftovers(proc) if "api_server" in cmd]
     finally:
         kill_tree(proc)
     assert killed and proc.returncode == 0, stderr[-3000:]
+    assert not servers_left, servers_left
     assert "the vLLM capture server is not answering; restarting it" in stderr
     assert contents(out) == reference["contents"]
 
