@@ -310,10 +310,6 @@ class _VllmCaptureActor:
         """Stop the capture server cleanly (SIGTERM to its process group), before Ray kills this actor."""
         self.stage.close()
 
-    def server_pid(self) -> int:
-        """The capture server's pid (= its process group): what a test kills to simulate a crash."""
-        return self.stage.target.server.pid
-
     def pid(self) -> int:
         return os.getpid()
 

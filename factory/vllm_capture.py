@@ -36,9 +36,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +108,8 @@ class VllmCaptureConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.storage_dir is not None:
             self.storage_dir = Path(self.storage_dir).expanduser()
+        if self.log_dir is not None:
+            self.log_dir = Path(self.log_dir).expanduser()
         self.extra_args = tuple(str(a) for a in self.extra_args)
         self.env = dict(self.env)
         if any(not isinstance(v, str) for v in self.env.values()):
