@@ -63,7 +63,8 @@ def _cmd_prepare_default(args: argparse.Namespace) -> int:
 _RUN_FLAGS = {"model": "model", "prompts": "input.paths", "out": "output.dir", "max_samples": "input.max_samples",
               "max_tokens": "sampling.max_tokens", "temperatures": "sampling.temperatures",
               "server_url": "servers.urls", "keep_original_answers": "sampling.keep_original_answers",
-              "ignore_free_space": "output.ignore_free_space", "address": "ray.address", "num_cpus": "ray.num_cpus"}
+              "ignore_free_space": "output.ignore_free_space", "capture_backend": "capture.backend",
+              "address": "ray.address", "num_cpus": "ray.num_cpus"}
 
 
 def _register_factory(sub: argparse._SubParsersAction) -> None:
@@ -131,6 +132,9 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the data set's answers (no resampling, no vLLM)")
     p.add_argument("--ignore-free-space", action="store_true", default=None,
                    help="run the job even when its disk plan exceeds the free space (output.ignore_free_space)")
+    p.add_argument("--capture-backend", choices=("auto", "vllm", "transformers"), default=None,
+                   help="what runs the target for hidden states (default auto: vllm for text targets the "
+                        "installed vLLM serves, else transformers)")
     p.add_argument("--address", type=str, default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (a job still writes progress.json)")

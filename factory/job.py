@@ -45,7 +45,8 @@ from shared import tomlconfig
 from shared.manifest import DTYPES
 
 INPUT_FORMATS = ("auto", "messages", "sharegpt", "prompt")
-SCHEDULING = ("DEFAULT", "SPREAD")  # Ray scheduling strategies a job may name
+SCHEDULING = ("DEFAULT", "SPREAD")
+CAPTURE_BACKENDS = ("auto", "vllm", "transformers")  # Ray scheduling strategies a job may name
 
 
 class JobConfigError(ValueError):
@@ -173,14 +174,36 @@ class ServersConfig:
 @dataclass(kw_only=True, slots=True)
 class CaptureSettings(CaptureConfig):
     """How hidden states are captured and kept (CaptureConfig's fields: aux_layer_ids,
-    storage_dtype, max_batch_tokens, max_batch_size) and where and how the target runs."""
+    storage_dtype, max_batch_tokens, max_batch_size) and where and how the target runs.
 
+    `backend`: "vllm" runs the target on the job's own capture servers (a vLLM server per
+    capture actor, text targets only); "transformers" runs it in the capture actor (every
+    modality); "auto" picks vllm for a text target the installed vLLM serves, else
+    transformers (`factory.pipeline.choose_capture_backend` says which and why)."""
+
+    backend: str = "auto"
     dtype: str = "auto"  # the forward pass's dtype; auto: bfloat16 where native (GPU, AMX CPU), else float32
     device: str = "cpu"  # "cuda" on a GPU node (with num_gpus = 1)
-    num_cpus: float = 1.0  # Ray resources the capture actor holds
+    num_cpus: float = 1.0  # Ray resources the capture actor holds (with its vLLM server, for the vllm backend)
     num_gpus: float = 0.0
+    # The vllm backend's server: more engine flags (e.g. ["--tensor-parallel-size", "2"]), more
+    # environment, the CPU build's KV cache in GiB, requests in flight per server, start-up limit.
+    vllm_args: tuple[str, ...] = ()
+    vllm_env: dict[str, str] = field(default_factory=dict)
+    vllm_kv_cache_gib: int = 2
+    vllm_concurrency: int = 32
+    vllm_startup_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.backend not in CAPTURE_BACKENDS:
+            raise JobConfigError(f"capture.backend must be one of {CAPTURE_BACKENDS}, got {self.backend!r}")
+        self.vllm_args = tuple(str(a) for a in self.vllm_args)
+        bad = {k: v for k, v in self.vllm_env.items() if not isinstance(v, str)}
+        if bad:
+            raise JobConfigError(f"capture.vllm_env values must be strings, got {bad}")
+        if self.vllm_concurrency < 1 or self.vllm_kv_cache_gib < 1 or self.vllm_startup_timeout_s <= 0:
+            raise JobConfigError("capture.vllm_concurrency, capture.vllm_kv_cache_gib and "
+                                 "capture.vllm_startup_timeout_s must be positive")
         if self.dtype not in MODEL_DTYPES:
             raise JobConfigError(f"capture.dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
         if self.storage_dtype not in DTYPES:
@@ -201,6 +224,19 @@ class CaptureSettings(CaptureConfig):
 
     def target_config(self, model: Path) -> TargetConfig:
         return TargetConfig(model=model, dtype=self.dtype, device=self.device)
+
+    def vllm_capture_config(self, render: RenderConfig, log_dir: Path | None = None):
+        """The vllm backend's server and client settings (a `factory.vllm_capture.VllmCaptureConfig`)."""
+        from factory.vllm_capture import VllmCaptureConfig
+
+        try:
+            return VllmCaptureConfig(aux_layer_ids=self.aux_layer_ids, dtype=self.storage_dtype,
+                                     max_concurrency=self.vllm_concurrency, max_length=render.max_length,
+                                     kv_cache_gib=self.vllm_kv_cache_gib, extra_args=self.vllm_args,
+                                     env=dict(self.vllm_env), log_dir=log_dir,
+                                     startup_timeout_s=self.vllm_startup_timeout_s)
+        except ValueError as e:
+            raise JobConfigError(f"capture: {e}") from None
 
 
 @dataclass(kw_only=True, slots=True)

@@ -87,7 +87,8 @@ class JobOutput:
     """The single writer: shards and quarantine records, committed together (see the module
     docstring). `done_ids()` and `quarantined()` say what a restarted job must skip."""
 
-    def __init__(self, config: OutputConfig, header: DatasetHeader, generation: dict[str, Any]):
+    def __init__(self, config: OutputConfig, header: DatasetHeader, generation: dict[str, Any],
+                 capture: dict[str, Any] | None = None):
         self.dir = config.dir
         self.writer = ShardWriter(self.dir, header, shard_bytes=config.shard_bytes)
         info = self.writer.manifest.info
@@ -95,6 +96,8 @@ class JobOutput:
             raise FactoryError(f"{self.dir} was started with other generation settings ({info['generation']}, now "
                                f"{generation}); use a new output.dir or the same settings")
         info["generation"] = generation
+        if capture is not None:
+            info["capture"] = _capture_history(info.get("capture"), capture)
         info.setdefault("quarantine", {"files": [], "rows": 0, "by_stage": {}})
         self._remove_unlisted_quarantine()
         save_manifest(self.dir, self.writer.manifest)
@@ -158,6 +161,21 @@ class JobOutput:
             if path.name not in listed:
                 log.info("removing %s: left by an interrupted job, not in the manifest", path.name)
                 path.unlink()
+
+
+def _capture_history(earlier: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `capture` entry: how this run captures, and how earlier runs of the job did
+    if that differed (both backends give the same samples within bf16 rounding, so a resumed
+    job may switch; the data set says so)."""
+    if earlier is None:
+        return now
+    before = [*earlier.get("earlier", []), {k: v for k, v in earlier.items() if k != "earlier"}]
+    if before[-1] == now:
+        before.pop()
+    else:
+        log.warning("this run captures with %s; earlier runs of this job captured with %s (the manifest keeps both)",
+                    now, before[-1])
+    return {**now, "earlier": before} if before else now
 
 
 # --------------------------------------------------------------------------- progress
@@ -254,7 +272,8 @@ class _ResampleActor:
 
 
 class _CaptureActor:
-    """Ray wrapper of `CaptureStage`: holds the target's weights where the job puts them."""
+    """Ray wrapper of `CaptureStage` (the transformers backend): holds the target's weights where
+    the job puts them."""
 
     def __init__(self, job: JobConfig):
         from factory.capture import CaptureStage
@@ -268,6 +287,36 @@ class _CaptureActor:
 
     def run(self, rows: list[RenderedRow]) -> list[Sample]:
         return self.stage(rows)
+
+    def stop(self) -> None:
+        pass  # nothing runs beside this actor
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class _VllmCaptureActor:
+    """Ray wrapper of `VllmCaptureStage` (the vllm backend): the job's own capture server, a vLLM
+    child process of this actor that dies with it, restarted by the stage when it stops answering.
+    Async: the batches the driver queues here are in flight on the server together."""
+
+    def __init__(self, job: JobConfig):
+        from factory.vllm_capture import VllmCaptureStage
+
+        _quiet_logging()
+        _log_restart("capture")
+        config = job.capture.vllm_capture_config(job.render, log_dir=job.output.dir / "logs")
+        self.stage = VllmCaptureStage(job.capture.target_config(job.model), config)
+
+    def header(self) -> DatasetHeader:
+        return self.stage.header
+
+    async def run(self, rows: list[RenderedRow]) -> list[Sample | RowFailure]:
+        return await self.stage.acall(rows)
+
+    def stop(self) -> None:
+        """Stop the capture server cleanly (SIGTERM to its process group), before Ray kills this actor."""
+        self.stage.close()
 
     def pid(self) -> int:
         return os.getpid()
@@ -294,6 +343,69 @@ def _quiet_logging() -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CaptureBackend:
+    """Which backend captures a job's hidden states, and why (logged, kept in the manifest)."""
+
+    name: str  # "vllm" | "transformers"
+    reason: str
+    compute_dtype: str  # what the forward pass runs in (capture.dtype resolved)
+
+    def to_json(self) -> dict[str, str]:
+        return {"backend": self.name, "reason": self.reason, "compute_dtype": self.compute_dtype}
+
+
+def choose_capture_backend(job: JobConfig) -> CaptureBackend:
+    """`capture.backend` resolved: as the job says, or for "auto" vllm where the installed vLLM
+    serves the target as a text model, else transformers. Asking for vllm where it cannot run is
+    an error that says why."""
+    from shared.hardware import resolve_model_dtype
+
+    dtype = resolve_model_dtype(job.capture.dtype, job.capture.device)
+    setting = job.capture.backend
+    if setting == "transformers":
+        return CaptureBackend(name="transformers", reason="capture.backend = transformers", compute_dtype=dtype)
+    problem = _vllm_capture_problem(job.model)
+    if setting == "vllm":
+        if problem:
+            raise JobConfigError(f"capture.backend = vllm, but {problem}; set capture.backend = transformers or auto")
+        return CaptureBackend(name="vllm", reason="capture.backend = vllm", compute_dtype=dtype)
+    if problem:
+        return CaptureBackend(name="transformers", reason=f"auto: {problem}", compute_dtype=dtype)
+    return CaptureBackend(name="vllm", reason="auto: a text target the installed vLLM serves", compute_dtype=dtype)
+
+
+def _vllm_capture_problem(model: Path) -> str | None:
+    """Why the vllm backend cannot capture `model`, or None if it can."""
+    import importlib.util
+
+    from factory.targets import TargetError, read_json, spec_for
+
+    raw = read_json(model / "config.json")
+    try:
+        spec = spec_for(raw.get("model_type", ""))
+    except TargetError as e:
+        return str(e)
+    if spec.media:
+        return (f"{model.name} is a {spec.family} target (with {', '.join(m.kind for m in spec.media)} input), and "
+                f"vLLM capture takes text targets only")
+    found = importlib.util.find_spec("vllm")
+    if found is None or not found.submodule_search_locations:
+        return "vLLM is not installed"
+    architectures = raw.get("architectures") or []
+    if not architectures:
+        return f"{model}/config.json names no architecture for vLLM to load"
+    # vLLM's model registry read as text: importing it takes 10-100 s on a small CPU.
+    registry = Path(found.submodule_search_locations[0]) / "model_executor" / "models" / "registry.py"
+    try:
+        listed = registry.read_text()
+    except OSError as e:
+        return f"vLLM's model registry could not be read to check {architectures[0]} ({e})"
+    if f'"{architectures[0]}"' not in listed:
+        return f"the installed vLLM does not list {architectures[0]} among its models"
+    return None
+
+
 @dataclass(kw_only=True, slots=True)
 class Pipeline:
     """The wired stages: actor handles and the job. `run()` drives them."""
@@ -302,6 +414,7 @@ class Pipeline:
     media: MediaPaths  # which files the rows' media paths may name
     resamplers: list[Any]
     captures: list[Any]  # capture actors; batches go round-robin over them
+    capture_backend: CaptureBackend
     servers: list[Any]  # VllmServerActor handles (empty when the job was given URLs or keeps answers)
     server_slots: int  # requests in flight across all servers
     timings: dict[str, float] = field(default_factory=dict)  # start-up phases, seconds
@@ -312,29 +425,32 @@ class Pipeline:
     def shutdown(self) -> None:
         import ray
 
-        for server in self.servers:
+        for actor in [*self.servers, *self.captures]:
             try:
-                ray.get(server.stop.remote(), timeout=60)
+                ray.get(actor.stop.remote(), timeout=60)
             except Exception as e:  # noqa: BLE001 - best effort: the actor may already be gone
-                log.warning("stopping a vLLM server actor failed: %s", e)
+                log.warning("stopping a server or capture actor failed: %s", e)
         for actor in [*self.resamplers, *self.captures, *self.servers]:
             ray.kill(actor)
 
 
-def build_pipeline(job: JobConfig, *, media: MediaPaths) -> Pipeline:
+def build_pipeline(job: JobConfig, *, media: MediaPaths, capture: CaptureBackend | None = None) -> Pipeline:
     """Start the actors a job needs, in an initialised Ray: vLLM server actors (unless the job
-    gives URLs or keeps the original answers), resampler actors, the capture actors. `media`
-    says which files the rows' media paths may name (the user's own, or the service's roots)."""
+    gives URLs or keeps the original answers), resampler actors, the capture actors (each with its
+    own vLLM capture server for the vllm backend). `media` says which files the rows' media paths
+    may name (the user's own, or the service's roots); `capture`: the backend, by default
+    `choose_capture_backend(job)`."""
     import ray
 
     from factory.resample import VllmServerActor, server_config
 
     started = time.monotonic()
+    capture = capture or choose_capture_backend(job)
     retries = dict(max_restarts=job.ray.actor_max_restarts, max_task_retries=job.ray.actor_max_restarts,
                    scheduling_strategy=job.ray.scheduling)
-    # First, so the target loads while the servers start.
-    capture_cls = ray.remote(_CaptureActor).options(num_cpus=job.capture.num_cpus, num_gpus=job.capture.num_gpus,
-                                                    **retries)
+    # First, so the target loads (or its capture server starts) while the resample servers start.
+    actor = _VllmCaptureActor if capture.name == "vllm" else _CaptureActor
+    capture_cls = ray.remote(actor).options(num_cpus=job.capture.num_cpus, num_gpus=job.capture.num_gpus, **retries)
     captures = [capture_cls.remote(job) for _ in range(job.ray.capture_actors)]
     servers: list[Any] = []
     urls: list[str] = list(job.servers.urls)
@@ -359,8 +475,8 @@ def build_pipeline(job: JobConfig, *, media: MediaPaths) -> Pipeline:
     resamplers = [resampler_cls.remote(job, urls, names, media) for _ in range(job.ray.resamplers)]
     slots = 0 if job.sampling.keep_original_answers else job.servers.concurrency * len(urls)
     timings = {"servers_ready_s": round(time.monotonic() - started, 1)} if servers else {}
-    return Pipeline(job=job, media=media, resamplers=resamplers, captures=captures, servers=servers,
-                    server_slots=slots, timings=timings)
+    return Pipeline(job=job, media=media, resamplers=resamplers, captures=captures, capture_backend=capture,
+                    servers=servers, server_slots=slots, timings=timings)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -394,11 +510,17 @@ class _Driver:
         import ray
 
         started = time.monotonic()
-        header = ray.get(self.p.captures[0].header.remote())
+        try:
+            header = ray.get(self.p.captures[0].header.remote())
+        except ray.exceptions.RayActorError as e:
+            # Its __init__ failed (Ray does not restart those): the target did not load, or the
+            # capture server exited or was not healthy in time (the error ends with its log's tail).
+            raise FactoryError(f"the job's {self.p.capture_backend.name} capture could not start: {e}") from None
         self.p.timings["capture_ready_s"] = round(time.monotonic() - started, 1)
         out: JobOutput | None = None
         try:
-            out = JobOutput(self.job.output, header, self.job.sampling.generation_settings())
+            out = JobOutput(self.job.output, header, self.job.sampling.generation_settings(),
+                            capture=self.p.capture_backend.to_json())
             atomic_write_bytes(out.dir / JOB_NAME, json.dumps(self.job.to_json(), indent=1).encode())
             done, quarantined = out.done_ids(), out.quarantined()
             progress = Progress(path=out.dir / PROGRESS_NAME, total=count_rows(self.job.input),
@@ -582,6 +704,7 @@ class _Driver:
             "tokens": m.tokens,
             "loss_tokens": sum(s.loss_tokens for s in m.shards),
             "shards": len(m.shards),
+            "capture_backend": self.p.capture_backend.name,
             "quarantined": q["rows"],
             "quarantined_by_stage": q["by_stage"],
             "this_run": {"startup": self.p.timings,
@@ -628,7 +751,9 @@ def run_job(job: JobConfig, *, media: MediaPaths, show_progress: bool = True) ->
     with _ray_session(job):
         ray_s = round(time.monotonic() - started, 1)
         _check_resources(job)
-        pipeline = build_pipeline(job, media=media)
+        capture = choose_capture_backend(job)
+        log.info("capture backend: %s (%s); forward pass in %s", capture.name, capture.reason, capture.compute_dtype)
+        pipeline = build_pipeline(job, media=media, capture=capture)
         try:
             pipeline.timings["ray_init_s"] = ray_s
             return pipeline.run(show_progress=show_progress)

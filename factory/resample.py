@@ -29,7 +29,6 @@ import asyncio
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from factory.job import JobConfig, SamplingConfig, ServersConfig
 from factory.render import Conversation, RenderConfig, RenderedRow, RenderError, Renderer, RenderStatus, conversation_id
 from factory.rows import JobFailure, is_row_failure, row_reason
 from factory.targets import Frontend
-from factory.vllm_server import VllmServer, VllmServerConfig
+from factory.vllm_server import VllmServer, VllmServerConfig, spawn_reaper
 
 log = logging.getLogger("specmill.factory.resample")
 
@@ -405,7 +404,7 @@ class VllmServerActor:
     def _start(self) -> None:
         self.server = VllmServer(self.config)
         self.server.start()
-        self._reaper = _spawn_reaper(self.server_pid())
+        self._reaper = spawn_reaper(self.server_pid())
 
     def server_pid(self) -> int:
         """The API server's pid (= its process group): what a test kills to simulate a crash."""
@@ -442,18 +441,6 @@ class VllmServerActor:
                 pass
             time.sleep(1.0)
         return False
-
-
-def _spawn_reaper(pgid: int) -> subprocess.Popen:
-    """A process that outlives this one by a moment: when its parent (this actor) is gone,
-    it kills the server's process group."""
-    code = ("import os, signal, sys, time\n"
-            "parent, pgid = os.getppid(), int(sys.argv[1])\n"
-            "while os.getppid() == parent: time.sleep(0.5)\n"
-            "try: os.killpg(pgid, signal.SIGKILL)\n"
-            "except ProcessLookupError: pass\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(pgid)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def server_config(model: Path, servers: ServersConfig, render: RenderConfig, log_dir: Path | None) -> VllmServerConfig:

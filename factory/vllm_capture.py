@@ -19,6 +19,11 @@ Prefix caching stays on: the hidden states live in KV-cache blocks, so a prompt 
 prefix is cached gets that prefix's states from the cached blocks (computed from the same
 tokens), and the file still holds every one of the prompt's T tokens (tested).
 
+Failures: a row the server refuses (4xx) comes back as that row's `RowFailure`; a server
+that stops answering is restarted by the stage that started it (`VllmCaptureStage` given a
+`TargetConfig`, as a factory job's capture actor is), and the rows it lost are sent again. A
+server is killed with the process that started it (`factory.vllm_server.spawn_reaper`).
+
 Text targets only: multimodal targets capture through `factory.capture.CaptureStage`.
 """
 
@@ -31,9 +36,11 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -44,9 +51,11 @@ from shared.shards import Sample
 
 from factory.capture import check_storage_fields
 from factory.render import RenderedRow
+from factory.rows import JobFailure, RowFailure
 from factory.targets import (EncodedMedia, Frontend, TargetConfig, TargetError, TargetMetadata, read_json, spec_for,
                              target_fingerprints)
-from factory.vllm_server import VllmServer, VllmServerConfig
+from factory.vllm_server import VllmServer, VllmServerConfig, spawn_reaper
+from shared.vllm_launch import is_healthy
 
 if TYPE_CHECKING:
     import httpx
@@ -61,8 +70,17 @@ CONNECTOR_CLASS = "SpecmillHiddenStatesConnector"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class VllmCaptureError(RuntimeError):
-    """A capture request failed; the message names the row and, if the server died, its log tail."""
+class VllmCaptureError(JobFailure):
+    """A capture request failed for the server's reasons; the message names the row and, if the
+    server died, its log tail."""
+
+
+class VllmServerDown(VllmCaptureError):
+    """The server did not answer at all (connection refused or reset): it may have died."""
+
+
+class VllmRowRejected(ValueError):
+    """The server refused one row's request (4xx): the row's fault, not the server's."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,8 +96,10 @@ class VllmCaptureConfig:
     # None: a new directory in /dev/shm (memory) if there is one, else in the system temp dir.
     storage_dir: Path | None = None
     extra_args: tuple[str, ...] = ()  # more vLLM server flags, e.g. ("--max-num-batched-tokens", "8192")
+    env: Mapping[str, str] = field(default_factory=dict)  # more server environment, on top of the above
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 600.0
+    log_dir: Path | None = None  # where server logs go (one file per start); None: the system temp dir
 
     def __post_init__(self) -> None:
         self.aux_layer_ids = check_storage_fields(self.dtype, self.aux_layer_ids)
@@ -88,7 +108,12 @@ class VllmCaptureConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.storage_dir is not None:
             self.storage_dir = Path(self.storage_dir).expanduser()
+        if self.log_dir is not None:
+            self.log_dir = Path(self.log_dir).expanduser()
         self.extra_args = tuple(str(a) for a in self.extra_args)
+        self.env = dict(self.env)
+        if any(not isinstance(v, str) for v in self.env.values()):
+            raise ValueError(f"env values must be strings, got {self.env}")
         owned = ("--speculative-config", "--kv-transfer-config", "--dtype", "--max-model-len",
                  "--enforce-eager", "--enable-prefix-caching", "--no-enable-prefix-caching")
         clash = [a for a in self.extra_args if a.split("=")[0] in owned]
@@ -125,8 +150,10 @@ class VllmTarget(TargetMetadata):
         self.server_layer_ids = tuple(sorted({*self.aux_layer_ids, self.num_layers}))
         self._slot = {i: k for k, i in enumerate(self.server_layer_ids)}
         self._server: VllmServer | None = None
+        self._reaper: subprocess.Popen | None = None
         self._storage: Path | None = None
         self._own_storage = False
+        self.restarts = 0
 
     # -- the Target protocol (metadata)
 
@@ -180,12 +207,35 @@ class VllmTarget(TargetMetadata):
             self._server = None
             self._drop_storage()
             raise
+        # Dies with this process: a killed capture actor leaves no server holding the cores.
+        self._reaper = spawn_reaper(self._server.pid, remove=self._storage if self._own_storage else None)
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.stop()
+        if self._reaper is not None:
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
         self._drop_storage()
+
+    def healthy(self) -> bool:
+        """Whether the server answers `/health` (three tries, a second apart)."""
+        for attempt in range(3):
+            if self._server is not None and is_healthy(self._server.base_url):
+                return True
+            if attempt < 2:
+                time.sleep(1.0)
+        return False
+
+    def restart(self) -> None:
+        """Stop the server (whatever is left of it) and start a new one, on a new port."""
+        log.warning("the vLLM capture server is not answering; restarting it (log of the old one: %s)",
+                    self._server.log_path if self._server is not None else None)
+        self.stop()
+        self.start()
+        self.restarts += 1
 
     def server_config(self) -> VllmServerConfig:
         """The capturing server: the plain server's flags plus the capture method and its connector."""
@@ -212,9 +262,10 @@ class VllmTarget(TargetMetadata):
                 "--enable-prefix-caching" if cc.prefix_caching else "--no-enable-prefix-caching"]
         if cc.enforce_eager:
             args.append("--enforce-eager")
-        return VllmServerConfig(model=self.config.model, served_model_name=self.name,
+        log_path = None if cc.log_dir is None else cc.log_dir / f"vllm-capture-{os.getpid()}-{time.time_ns()}.log"
+        return VllmServerConfig(model=self.config.model, served_model_name=self.name, log_path=log_path,
                                 extra_args=(*args, *cc.extra_args), startup_timeout_s=cc.startup_timeout_s,
-                                env={"VLLM_CPU_KVCACHE_SPACE": str(cc.kv_cache_gib)})
+                                env={"VLLM_CPU_KVCACHE_SPACE": str(cc.kv_cache_gib), **cc.env})
 
     @property
     def server(self) -> VllmServer:
@@ -232,13 +283,23 @@ class VllmTarget(TargetMetadata):
 
     async def acapture(self, sequences: Sequence[torch.Tensor], labels: Sequence[str] | None = None
                        ) -> list[torch.Tensor]:
-        import httpx
-
         labels = labels or [f"sequence {k}" for k in range(len(sequences))]
         too_long = [(label, len(s)) for label, s in zip(labels, sequences) if len(s) > self.capture_config.max_length]
         if too_long:
             raise ValueError(f"{too_long[0][0]} has {too_long[0][1]} tokens, more than max_length="
                              f"{self.capture_config.max_length} the server was started for ({len(too_long)} such rows)")
+        results = await self.acapture_each(sequences, labels)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return results
+
+    async def acapture_each(self, sequences: Sequence[torch.Tensor], labels: Sequence[str]
+                            ) -> list[torch.Tensor | Exception]:
+        """`acapture`, with each sequence's error in its place instead of raised. Every request
+        ends before this returns, so no file a request made is left behind unread."""
+        import httpx
+
         gate = asyncio.Semaphore(self.capture_config.max_concurrency)
         limits = httpx.Limits(max_connections=self.capture_config.max_concurrency)
         async with httpx.AsyncClient(base_url=self.server.base_url, limits=limits,
@@ -248,7 +309,8 @@ class VllmTarget(TargetMetadata):
                 async with gate:
                     return await self._capture_one(client, ids, label)
 
-            return list(await asyncio.gather(*(one(s, label) for s, label in zip(sequences, labels))))
+            return list(await asyncio.gather(*(one(s, label) for s, label in zip(sequences, labels)),
+                                             return_exceptions=True))
 
     def split(self, hidden_states: torch.Tensor, layer_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, n_ids, H] from the server -> aux [T, len(layer_ids), H] and pre-norm last [T, H].
@@ -268,8 +330,11 @@ class VllmTarget(TargetMetadata):
         try:
             response = await client.post("/v1/completions", json=body)
         except httpx.TransportError as e:
-            raise VllmCaptureError(f"{label}: no answer from the vLLM server ({e!r}); its log {self.server.log_path} "
-                                   f"ends with:\n{self.server.log_tail()}") from e
+            raise VllmServerDown(f"{label}: no answer from the vLLM server ({e!r}); its log {self.server.log_path} "
+                                 f"ends with:\n{self.server.log_tail()}") from e
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            raise VllmRowRejected(f"the vLLM capture server refused the row: HTTP {response.status_code}: "
+                                  f"{response.text[:300]}")
         if response.status_code != 200:
             raise VllmCaptureError(f"{label}: the vLLM server answered {response.status_code}: {response.text[:500]}")
         params = response.json().get("kv_transfer_params") or {}
@@ -315,8 +380,9 @@ def _memory_dir() -> str | None:
 class VllmCaptureStage:
     """Pipeline stage: `__call__(rendered rows) -> samples`, in the rows' order, like `CaptureStage`.
 
-    Given a `TargetConfig` it starts (and on `close()` stops) its own server; given a running
-    `VllmTarget` it uses that one. Use it as a context manager or call `close()`."""
+    Given a `TargetConfig` it starts (and on `close()` stops) its own server, and restarts it
+    when it stops answering; given a running `VllmTarget` it uses that one. Use it as a context
+    manager or call `close()`."""
 
     def __init__(self, target: VllmTarget | TargetConfig, config: VllmCaptureConfig):
         import torch
@@ -330,6 +396,8 @@ class VllmCaptureStage:
             raise ValueError(f"aux_layer_ids {self.layer_ids} differ from the {self.target.aux_layer_ids} the target's "
                              f"server captures")
         self._dtype = getattr(torch, config.dtype)
+        self.max_restarts = 3  # server restarts one batch may wait for before the job stops
+        self._restarting = asyncio.Lock()
         if self._owns_target:
             self.target.start()
 
@@ -344,20 +412,62 @@ class VllmCaptureStage:
         if self._owns_target:
             self.target.stop()
 
-    def __call__(self, rows: Sequence[RenderedRow]) -> list[Sample]:
-        return [self._sample(row, states) for row, states in zip(rows, self._capture(rows))]
+    def __call__(self, rows: Sequence[RenderedRow]) -> list[Sample | RowFailure]:
+        """A sample per row, or the row's failure (the server refused it), in the rows' order.
+        Not from inside a running event loop (await `acall` there)."""
+        return asyncio.run(self.acall(rows))
+
+    async def acall(self, rows: Sequence[RenderedRow]) -> list[Sample | RowFailure]:
+        captured = await self._capture(rows)
+        return [c if isinstance(c, RowFailure) else self._sample(row, c) for row, c in zip(rows, captured)]
 
     def hidden_states(self, rows: Sequence[RenderedRow]) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
         """Per row, in the model's dtype before the storage cast: aux [T, 3, H], pre-norm last [T, H], None
         (the same shape of answer as `CaptureStage.hidden_states`)."""
-        return [(*self.target.split(states, self.layer_ids), None) for states in self._capture(rows)]
+        captured = asyncio.run(self._capture(rows))
+        refused = next((c for c in captured if isinstance(c, RowFailure)), None)
+        if refused is not None:
+            raise VllmRowRejected(f"{refused.sample_id}: {refused.reason}")
+        return [(*self.target.split(states, self.layer_ids), None) for states in captured]
 
-    def _capture(self, rows: Sequence[RenderedRow]) -> list[torch.Tensor]:
+    async def _capture(self, rows: Sequence[RenderedRow]) -> list[torch.Tensor | RowFailure]:
+        """Per row its states [T, n_ids, H] or its failure. Rows lost with a server that stopped
+        answering go again once the server is back (this stage restarts a server it started)."""
         bad = [r for r in rows if r.media]
         if bad:
             raise ValueError(f"row {bad[0].source_index} carries media; vLLM capture takes text rows only")
-        labels = [f"row {r.source_index} ({r.sample_id})" for r in rows]
-        return asyncio.run(self.target.acapture([r.input_ids for r in rows], labels))
+        out: list[torch.Tensor | RowFailure | None] = [None] * len(rows)
+        todo = list(range(len(rows)))
+        for attempt in range(self.max_restarts + 1):
+            async with self._restarting:  # a restart under way: wait for the new server
+                generation = self.target.restarts
+            labels = [f"row {rows[i].source_index} ({rows[i].sample_id})" for i in todo]
+            results = await self.target.acapture_each([rows[i].input_ids for i in todo], labels)
+            lost: list[tuple[int, VllmServerDown]] = []
+            for i, result in zip(todo, results):
+                if isinstance(result, VllmRowRejected):
+                    out[i] = RowFailure(sample_id=rows[i].sample_id, stage="capture", reason=str(result))
+                elif isinstance(result, VllmServerDown):
+                    lost.append((i, result))
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    out[i] = result
+            if not lost:
+                return out
+            if not self._owns_target or attempt == self.max_restarts:
+                raise lost[0][1]
+            log.warning("%d capture requests got no answer from the vLLM server; checking it", len(lost))
+            await self._recover(generation)
+            todo = [i for i, _ in lost]
+        raise AssertionError("unreachable")
+
+    async def _recover(self, generation: int) -> None:
+        """Restart the server unless another batch already did (or it answers again)."""
+        async with self._restarting:
+            if self.target.restarts != generation or await asyncio.to_thread(self.target.healthy):
+                return
+            await asyncio.to_thread(self.target.restart)
 
     def _sample(self, row: RenderedRow, states: torch.Tensor) -> Sample:
         aux, last = self.target.split(states, self.layer_ids)

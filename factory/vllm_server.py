@@ -8,6 +8,8 @@ forks; its output goes to a log file whose tail is put into the error when it fa
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,3 +116,23 @@ class VllmServer:
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
+
+
+def spawn_reaper(pgid: int, *, remove: Path | None = None) -> subprocess.Popen:
+    """A process that outlives this one by a moment: when its parent (a Ray actor owning a
+    server) is gone, it kills the server's process group and removes `remove` (the server's
+    scratch directory), so a restarted actor never finds an orphan holding the cores. Kill the
+    reaper when the server is stopped on purpose.
+
+    In a session of its own: Ray 2.60 cleans up after a dead worker by killing the worker's
+    process group, which would take the reaper with it and leave the server (in its own session)
+    running, orphaned (seen in the capture-worker kill test)."""
+    code = ("import os, shutil, signal, sys, time\n"
+            "parent, pgid = os.getppid(), int(sys.argv[1])\n"
+            "while os.getppid() == parent: time.sleep(0.5)\n"
+            "try: os.killpg(pgid, signal.SIGKILL)\n"
+            "except ProcessLookupError: pass\n"
+            "if len(sys.argv) > 2: shutil.rmtree(sys.argv[2], ignore_errors=True)\n")
+    args = [str(pgid)] + ([str(remove)] if remove is not None else [])
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -463,7 +463,10 @@ def _end_to_end(config: BenchFactoryConfig, model: Path, url: str, model_name: s
                           "sampling.max_tokens": config.max_tokens, "sampling.temperatures": list(config.temperatures),
                           "sampling.top_p": config.top_p, "sampling.seed": config.seed, "servers.urls": [url],
                           "servers.model_name": model_name, "servers.concurrency": config.concurrency,
-                          "render.max_length": config.max_length})
+                          "render.max_length": config.max_length,
+                          # As the stage-alone capture above measures it (the vllm backend would
+                          # start a capture server of its own beside the bench's server).
+                          "capture.backend": "transformers"})
     started = time.perf_counter()
     report = run_job(job, media=MediaPaths(), show_progress=False)
     wall = time.perf_counter() - started

@@ -53,6 +53,8 @@ def register_service(sub: argparse._SubParsersAction) -> None:
                    help="keep the data set's answers (no resampling, no vLLM)")
     p.add_argument("--ignore-free-space", action="store_true", default=None,
                    help="run the job even when its disk plan exceeds the free space where it goes")
+    p.add_argument("--capture-backend", choices=("auto", "vllm", "transformers"), default=None,
+                   help="what runs the target for hidden states (default auto: vllm for text targets)")
     p.set_defaults(func=_cmd_submit)
 
 
@@ -82,7 +84,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name) for name in ("model", "prompts", "out", "max_samples", "max_tokens",
                                                      "temperatures", "keep_original_answers",
-                                                     "ignore_free_space")}
+                                                     "ignore_free_space", "capture_backend")}
     try:
         return run_submit(args.url, args.token, args.job, flags, wait=args.wait,
                           idempotency_key=args.idempotency_key, echo=lambda line: print(line, flush=True))

@@ -29,6 +29,8 @@ class JobCreate(BaseModel):
     keep_original_answers: bool | None = Field(None, description="render the data set's own answers; no vLLM")
     ignore_free_space: bool | None = Field(None, description="run the job even when its disk plan exceeds the "
                                                              "free space where it goes (refused otherwise)")
+    capture_backend: Literal["auto", "vllm", "transformers"] | None = Field(
+        None, description="what runs the target for hidden states (auto: vllm for text targets vLLM serves)")
     job: dict[str, Any] | None = Field(None, description="the job file's tables (see factory/job.py), as JSON")
 
 

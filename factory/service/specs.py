@@ -36,9 +36,9 @@ from factory.service.settings import ServiceSettings
 FLAT_KEYS = {"model": "model", "prompts": "input.paths", "out": "output.dir", "max_samples": "input.max_samples",
              "max_tokens": "sampling.max_tokens", "temperatures": "sampling.temperatures",
              "keep_original_answers": "sampling.keep_original_answers",
-             "ignore_free_space": "output.ignore_free_space"}
+             "ignore_free_space": "output.ignore_free_space", "capture_backend": "capture.backend"}
 SERVICE_KEYS = ("ray.address", "ray.num_cpus", "ray.object_store_mb")
-SERVER_OVERRIDE_KEYS = ("servers.urls", "servers.env", "servers.vllm_args")
+SERVER_OVERRIDE_KEYS = ("servers.urls", "servers.env", "servers.vllm_args", "capture.vllm_args", "capture.vllm_env")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -206,7 +206,7 @@ def _check_bounds(tables: dict[str, Any], where: dict[str, tuple[str, ...]],
 def _leaves(table: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k, v in table.items():
-        if isinstance(v, dict) and v and k not in ("env", "chat_template_kwargs"):
+        if isinstance(v, dict) and v and k not in ("env", "vllm_env", "chat_template_kwargs"):
             out += _leaves(v, f"{prefix}{k}.")
         else:
             out.append(prefix + str(k))

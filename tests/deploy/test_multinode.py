@@ -62,7 +62,7 @@ def write_job(path: Path, model: Path, prompts: Path, out: Path, address: str) -
                     f'[input]\npaths = ["{prompts}"]\n'
                     f'[output]\ndir = "{out}"\ncommit_every = 8\n'
                     f'[sampling]\nkeep_original_answers = true\n'
-                    f'[capture]\nnum_cpus = 1\nmax_batch_size = 2\n'
+                    f'[capture]\nbackend = "transformers"\nnum_cpus = 1\nmax_batch_size = 2\n'
                     f'[ray]\naddress = "{address}"\ncapture_actors = 2\nscheduling = "SPREAD"\nresamplers = 2\n'
                     f'batch_size = 2\ncapture_batch = 2\nmax_in_flight = 8\nactor_max_restarts = 3\n')
     return path

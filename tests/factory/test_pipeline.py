@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from factory.default_model import DefaultModelConfig, prepare_default
 from factory.job import JobConfigError, load_job
@@ -25,7 +26,7 @@ from shared.shards import Dataset
 
 from dataset_contents import read_back
 from poison_rows import bomb_chat, bomb_png, deeply_nested_line, lone_surrogate_line
-from processes import kill_tree, run_tree, start_tree
+from processes import kill_tree, leftovers, marked, run_tree, start_tree
 
 N_CHATS = 40
 
@@ -75,6 +76,41 @@ def test_a_bad_job_file_is_refused_naming_the_key(tmp_path, smollm_dir, toml, er
     assert error in str(e.value)
 
 
+def test_capture_runs_on_vllm_by_default_for_a_text_target_and_on_transformers_for_a_vlm(tmp_path, smollm_dir):
+    from tiny_models import build_tiny_qwen2_vl
+
+    from factory.pipeline import choose_capture_backend
+
+    job = load_job(None, {"model": smollm_dir, "input.paths": ["x"], "output.dir": tmp_path / "out"})
+    chosen = choose_capture_backend(job)
+    assert job.capture.backend == "auto" and chosen.name == "vllm" and chosen.reason.startswith("auto: ")
+    assert chosen.compute_dtype in ("float32", "bfloat16")  # capture.dtype auto, resolved for this machine
+    flags = {"model": smollm_dir, "input.paths": ["x"], "output.dir": tmp_path / "out",
+             "capture.backend": "transformers"}
+    assert choose_capture_backend(load_job(None, flags)).name == "transformers"
+    vlm = build_tiny_qwen2_vl(tmp_path / "vl", tokenizer_dir=smollm_dir)
+    chosen = choose_capture_backend(load_job(None, {**flags, "model": vlm, "capture.backend": "auto"}))
+    assert chosen.name == "transformers" and "qwen2_vl target (with image input)" in chosen.reason
+    with pytest.raises(JobConfigError, match="capture.backend = vllm, but .* text targets only"):
+        choose_capture_backend(load_job(None, {**flags, "model": vlm, "capture.backend": "vllm"}))
+
+
+def test_the_vllm_capture_servers_take_the_jobs_engine_flags(tmp_path, smollm_dir):
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(f'model = "{smollm_dir}"\n[input]\npaths = ["p.jsonl"]\n[output]\ndir = "out"\n'
+                        f'[render]\nmax_length = 1024\n[capture]\nbackend = "vllm"\n'
+                        f'vllm_args = ["--tensor-parallel-size", "1"]\n'
+                        f'vllm_env = {{VLLM_CPU_OMP_THREADS_BIND = "all"}}\n')
+    config = load_job(job_file).capture.vllm_capture_config(load_job(job_file).render)
+    assert config.extra_args == ("--tensor-parallel-size", "1") and config.max_length == 1024
+    assert config.env == {"VLLM_CPU_OMP_THREADS_BIND": "all"}
+    with pytest.raises(JobConfigError, match="capture.backend must be one of"):
+        load_job(job_file, {"capture.backend": "sglang"})
+    with pytest.raises(JobConfigError, match="capture: extra_args must not set"):
+        job = load_job(job_file, {"capture.vllm_args": ["--dtype", "half"]})
+        job.capture.vllm_capture_config(job.render)
+
+
 def test_an_object_store_output_is_refused_instead_of_written_to_a_mangled_path(tmp_path, smollm_dir):
     with pytest.raises(JobConfigError, match="object-store output is not supported yet"):
         load_job(None, {"model": smollm_dir, "input.paths": ["x"], "output.dir": "s3://bucket/data"})
@@ -106,7 +142,10 @@ def prompts_file(directory: Path) -> Path:
 
 
 def write_job(path: Path, model: Path, prompts: Path, out: Path, **sections: dict) -> Path:
+    """A small job file. Capture runs on transformers unless `capture={"backend": "vllm"}` is given:
+    the vllm backend starts a capture server per job (about a minute), for its own tests only."""
     tables = {"input": {"paths": [str(prompts)]}, "output": {"dir": str(out), "commit_every": 4},
+              "capture": {"backend": "transformers"},
               "ray": {"num_cpus": 2, "batch_size": 4, "capture_batch": 4, "max_in_flight": 8}}
     for name, values in sections.items():
         tables[name] = {**tables.get(name, {}), **values}
@@ -275,7 +314,11 @@ def test_factory_run_reads_image_files_as_the_users_own_wherever_they_are(tmp_pa
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    run_job(write_job(tmp_path / "job.toml", vlm, tmp_path / "in", out, sampling={"keep_original_answers": True}))
+    # The default backend: a VLM target is captured by transformers, and the manifest says why.
+    run_job(write_job(tmp_path / "job.toml", vlm, tmp_path / "in", out, sampling={"keep_original_answers": True},
+                      capture={"backend": "auto"}))
+    capture = load_manifest(out).info["capture"]
+    assert capture["backend"] == "transformers" and "vLLM capture takes text targets only" in capture["reason"]
     _, [sample], [record] = read_back(out)
     assert sample["source_index"] == 0 and [kind for kind, _, _ in sample["modality_spans"]] == ["image"]
     assert (record["row"], record["stage"]) == (1, "render")
@@ -283,33 +326,87 @@ def test_factory_run_reads_image_files_as_the_users_own_wherever_they_are(tmp_pa
                                        "factory decodes")
 
 
-def test_a_driver_killed_mid_run_resumes_to_the_uninterrupted_data_set(tmp_path, smollm_dir, original_inputs,
-                                                                       reference):
+# Both capture backends pass the kill tests. The vllm backend starts a capture server per run (and
+# another after each kill): minutes on 2 cores, so its cases are slow.
+BACKENDS = ["transformers", pytest.param("vllm", marks=pytest.mark.slow)]
+CAPTURE_ACTOR = {"transformers": "_CaptureActor", "vllm": "_VllmCaptureActor"}
+SECONDS = {"transformers": 300, "vllm": 900}  # per run, server starts included
+
+
+def keep_original_job(tmp_path: Path, model: Path, inputs: Path, backend: str) -> tuple[Path, Path]:
     out = tmp_path / "out"
-    job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, out, sampling={"keep_original_answers": True})
-    kill_when(job, out, lambda m: len(m.shards) >= 1)  # mid-run: some shards committed
+    return write_job(tmp_path / "job.toml", model, inputs, out, sampling={"keep_original_answers": True},
+                     capture={"backend": backend}), out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_driver_killed_mid_run_resumes_to_the_uninterrupted_data_set(tmp_path, smollm_dir, original_inputs,
+                                                                       reference, backend):
+    """The reference ran on transformers: ids, token ids, masks and counts do not depend on the backend."""
+    job, out = keep_original_job(tmp_path, smollm_dir, original_inputs, backend)
+    kill_when(job, out, lambda m: len(m.shards) >= 1, timeout=SECONDS[backend])  # mid-run: some shards committed
     first = load_manifest(out)
     assert not first.complete and 0 < first.rows < len(reference["contents"]["sample_ids"])
-    kill_when(job, out, lambda m: m.rows > first.rows)  # killed again after resuming
+    kill_when(job, out, lambda m: m.rows > first.rows, timeout=SECONDS[backend])  # killed again after resuming
     assert not load_manifest(out).complete
-    run_job(job)
+    run_job(job, timeout=SECONDS[backend])
     assert contents(out) == reference["contents"]
+    assert load_manifest(out).info["capture"]["backend"] == backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_killed_capture_worker_is_restarted_and_the_job_completes_exactly_once(tmp_path, smollm_dir,
-                                                                                  original_inputs, reference):
-    out = tmp_path / "out"
-    job = write_job(tmp_path / "job.toml", smollm_dir, original_inputs, out, sampling={"keep_original_answers": True})
+                                                                                  original_inputs, reference, backend):
+    job, out = keep_original_job(tmp_path, smollm_dir, original_inputs, backend)
     proc = start_tree(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
     try:
-        killed = _kill_worker_when(proc, out, "_CaptureActor", lambda m: len(m.shards) >= 1)
-        stdout, stderr = proc.communicate(timeout=300)
+        killed = _kill_worker_when(proc, out, CAPTURE_ACTOR[backend], lambda m: len(m.shards) >= 1,
+                                   timeout=SECONDS[backend])
+        stdout, stderr = proc.communicate(timeout=SECONDS[backend])
+        # The killed actor's capture server died with it (its reaper), the restarted one with the job.
+        servers_left = [cmd for cmd in leftovers(proc) if "api_server" in cmd]
     finally:
         kill_tree(proc)
     assert killed and proc.returncode == 0, stderr[-3000:]
+    assert not servers_left, servers_left
     assert "capture actor restarted after its worker died" in stderr
     assert contents(out) == reference["contents"]
+
+
+@pytest.mark.slow  # a vLLM capture server started twice
+def test_a_killed_capture_server_is_restarted_and_the_job_completes_exactly_once(tmp_path, smollm_dir,
+                                                                                 original_inputs, reference):
+    job, out = keep_original_job(tmp_path, smollm_dir, original_inputs, "vllm")
+    proc = start_tree(specmill("factory", "run", str(job), "--no-progress"), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    try:
+        killed = _kill_capture_server_when(proc, out, lambda m: len(m.shards) >= 1, timeout=SECONDS["vllm"])
+        stdout, stderr = proc.communicate(timeout=SECONDS["vllm"])
+        servers_left = [cmd for cmd in leftovers(proc) if "api_server" in cmd]
+    finally:
+        kill_tree(proc)
+    assert killed and proc.returncode == 0, stderr[-3000:]
+    assert not servers_left, servers_left
+    assert "the vLLM capture server is not answering; restarting it" in stderr
+    assert contents(out) == reference["contents"]
+
+
+def _kill_capture_server_when(proc: subprocess.Popen, out: Path, ready, timeout: float) -> bool:
+    """SIGKILL the process group of the job's vLLM capture server (API server, engine core, workers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest.json").exists() and ready(load_manifest(out)):
+            for p in marked(proc.tree_marker):
+                try:
+                    cmdline = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "api_server" in cmdline and "extract_hidden_states" in cmdline:
+                    os.killpg(p.pid, signal.SIGKILL)  # its own session: the group is the server's alone
+                    return True
+        time.sleep(0.05)
+    return False
 
 
 def _kill_worker_when(proc: subprocess.Popen, out: Path, actor: str, ready, timeout: float = 240) -> bool:
@@ -376,6 +473,84 @@ def test_a_job_that_fills_its_disk_stops_clearly_and_resumes_exactly_once_after_
         assert sum(s.bytes for s in load_manifest(out).shards) <= plan.data_bytes
 
 
+@pytest.fixture(scope="module")
+def vllm_reference(tmp_path_factory, smollm_dir, original_inputs) -> dict:
+    """An uninterrupted keep-original-answers run from flags alone: capture on the default backend."""
+    out = tmp_path_factory.mktemp("vllm-reference") / "out"
+    done = run_tree(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(original_inputs),
+                             "--out", str(out), "--keep-original-answers", "--num-cpus", "2", "--no-progress"),
+                    timeout=SECONDS["vllm"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"contents": contents(out), "out": out, "report": json.loads(done.stdout[:done.stdout.rindex("}") + 1])}
+
+
+@pytest.mark.slow  # a vLLM capture server
+def test_a_job_captured_on_vllm_equals_the_same_job_on_transformers_within_bf16_tolerance(reference, vllm_reference):
+    """Same samples (ids, token ids, masks) and hidden states that differ by bf16 storage rounding only."""
+    assert vllm_reference["contents"] == reference["contents"]
+    vllm_info, hf_info = (load_manifest(r["out"]).info["capture"] for r in (vllm_reference, reference))
+    assert vllm_info["backend"] == "vllm" and hf_info["backend"] == "transformers"
+    assert vllm_info["compute_dtype"] == hf_info["compute_dtype"]
+    _, got, _ = read_back(vllm_reference["out"])
+    _, expected, _ = read_back(reference["out"])
+    expected_by_id = {s["sample_id"]: s for s in expected}
+    errors = []
+    for s in got:
+        e = expected_by_id[s["sample_id"]]
+        assert torch.equal(s["input_ids"], e["input_ids"]) and torch.equal(s["loss_mask"], e["loss_mask"])
+        for key in ("aux_hidden_states", "last_hidden_state"):
+            assert s[key].shape == e[key].shape and s[key].dtype == e[key].dtype == torch.bfloat16
+            errors.append((key, per_token_rel_error(s[key], e[key])))
+    aux = torch.cat([err for key, err in errors if key == "aux_hidden_states"])
+    last = torch.cat([err for key, err in errors if key == "last_hidden_state"])
+    figures = {"aux_max": aux.max().item(), "aux_mean": aux.mean().item(), "last_max": last.max().item(),
+               "last_mean": last.mean().item()}
+    print(f"vLLM vs transformers job, per-token relative error: {figures}")
+    limit = BF16_TOLERANCE[vllm_info["compute_dtype"]]
+    assert all(figures[k] <= limit[k] for k in limit), (figures, limit)
+
+
+# Per-token relative error ||x - y|| / ||y|| between two backends' stored (bf16) states. A float32
+# forward on both sides leaves bf16 storage rounding (2^-9 relative per element; the norm over 576
+# channels averages it) plus float32 noise. A bfloat16 forward leaves bf16 arithmetic on both
+# sides: measured up to 0.10 (aux) from float32 for transformers, up to 0.125 for vLLM
+# (docs/design.md, "vLLM capture numerics").
+BF16_TOLERANCE = {"float32": {"aux_max": 0.01, "aux_mean": 0.004, "last_max": 0.01, "last_mean": 0.004},
+                  "bfloat16": {"aux_max": 0.25, "aux_mean": 0.03, "last_max": 0.15, "last_mean": 0.03}}
+
+
+def per_token_rel_error(x, y):
+    x, y = x.float(), y.float()
+    return ((x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-6)).flatten()
+
+
+@pytest.mark.slow  # a vLLM capture server
+def test_a_flags_only_job_captures_on_vllm_and_its_shards_equal_a_transformers_forward(vllm_reference, smollm_dir):
+    from factory.capture import CaptureConfig, CaptureStage
+    from factory.render import RenderedRow
+    from factory.targets import HFTarget, TargetConfig
+
+    capture = load_manifest(vllm_reference["out"]).info["capture"]
+    assert capture["backend"] == "vllm" and capture["reason"].startswith("auto: "), capture
+    assert vllm_reference["report"]["capture_backend"] == "vllm"
+    ds = Dataset(vllm_reference["out"])
+    samples = [ds[i] for i in range(len(ds))]
+    rows = [RenderedRow(sample_id=s["sample_id"], source_index=s["source_index"], input_ids=s["input_ids"].long(),
+                        loss_mask=s["loss_mask"]) for s in samples]
+    stage = CaptureStage(HFTarget(TargetConfig(model=smollm_dir, dtype="auto")), CaptureConfig())
+    assert stage.header == load_manifest(vllm_reference["out"]).header
+    aux, last = [], []
+    for s, (hf_aux, hf_last, _) in zip(samples, stage.hidden_states(rows), strict=True):
+        aux.append(per_token_rel_error(s["aux_hidden_states"], hf_aux.to(torch.bfloat16)))
+        last.append(per_token_rel_error(s["last_hidden_state"], hf_last.to(torch.bfloat16)))
+    aux, last = torch.cat(aux), torch.cat(last)
+    figures = {"aux_max": aux.max().item(), "aux_mean": aux.mean().item(), "last_max": last.max().item(),
+               "last_mean": last.mean().item()}
+    print(f"flags-only job (vLLM) vs an independent transformers forward: {figures}")
+    limit = BF16_TOLERANCE[capture["compute_dtype"]]
+    assert all(figures[k] <= limit[k] for k in limit), (figures, limit)
+
+
 # --------------------------------------------------------------------------- resampling jobs (real vLLM)
 
 
@@ -396,7 +571,7 @@ def resampled(tmp_path_factory, smollm_dir, vllm_url) -> dict:
     done = run_tree(specmill("factory", "run", "--model", str(smollm_dir), "--prompts", str(inputs),
                                    "--out", str(work / "out"), "--max-samples", "16", "--max-tokens", "24",
                                    "--temperatures", "0", "--server-url", vllm_url, "--num-cpus", "2",
-                                   "--no-progress"),
+                                   "--capture-backend", "transformers", "--no-progress"),
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": work / "out", "inputs": inputs, "seconds": time.monotonic() - started,
@@ -424,6 +599,7 @@ def test_a_resampling_job_from_flags_writes_the_targets_own_answers(resampled, s
         assert all(m["content"] in text for m in source if m["role"] == "user")
         assert s["temperature"] == 0.0 and s["finish_reason"] in ("stop", "length")
     print(f"16 samples resampled and captured in {resampled['seconds']:.0f} s (incl. Ray start)")
+
 
 
 @pytest.mark.slow
@@ -460,7 +636,7 @@ def test_a_job_whose_vllm_server_cannot_start_fails_naming_the_cause(default_mod
     job.write_text('[servers]\nvllm_args = ["--no-such-vllm-flag"]\n')
     proc = run_tree([sys.executable, "-m", "shared.cli", "factory", "run", str(job), "--model",
                            str(default_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
-                           "--no-progress"], timeout=900)
+                           "--capture-backend", "transformers", "--no-progress"], timeout=900)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "the job's vLLM server could not start" in proc.stderr
     assert "--no-such-vllm-flag" in proc.stderr  # vLLM's own words, from its log

@@ -203,6 +203,13 @@ def test_a_job_table_error_names_the_job_key(client, env):
     assert "unknown key(s) sampling.max_token" in errors["job"]
 
 
+def test_the_capture_backend_is_a_flat_key_like_the_flag_and_a_bad_one_is_named(client, env):
+    assert submit(client, env, capture_backend="transformers").status_code == 201
+    assert "capture_backend" in bad_fields(submit(client, env, capture_backend="sglang"))
+    errors = bad_fields(submit(client, env, job={"capture": {"backend": "sglang"}}))
+    assert "capture.backend must be one of" in errors["job"]
+
+
 def test_an_unbounded_job_is_refused(env):
     with TestClient(create_app(make_settings(env, max_samples_limit=100, max_tokens_limit=64))) as c:
         errors = bad_fields(c.post("/v1/jobs", json={"model": env["model"], "prompts": "p.jsonl"},
@@ -241,7 +248,9 @@ def test_a_job_too_big_for_the_free_space_fails_in_its_worker_naming_the_numbers
 @pytest.mark.parametrize("job", [{"ray": {"address": "ray://evil:10001"}}, {"ray": {"num_cpus": 64}},
                                  {"servers": {"env": {"LD_PRELOAD": "/tmp/x.so"}}},
                                  {"servers": {"vllm_args": ["--trust-remote-code"]}},
-                                 {"servers": {"urls": ["http://169.254.169.254"]}}])
+                                 {"servers": {"urls": ["http://169.254.169.254"]}},
+                                 {"capture": {"vllm_args": ["--trust-remote-code"]}},
+                                 {"capture": {"vllm_env": {"LD_PRELOAD": "/tmp/x.so"}}}])
 def test_service_owned_job_keys_are_refused(client, env, job):
     errors = bad_fields(submit(client, env, job=job))
     assert any("set by the service" in m for m in errors.values()), errors

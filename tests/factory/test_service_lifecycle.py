@@ -28,7 +28,10 @@ from processes import kill_marked, new_marker, start_tree
 
 TOKEN = "lifecycle-token-0123456789"
 ROWS = 32  # input rows each job covers (max_samples)
-SMALL = {"output": {"commit_every": 1}, "ray": {"batch_size": 1, "capture_batch": 1, "max_in_flight": 2}}
+# Capture on transformers: these tests are about the service; a vLLM capture server per job would
+# add a minute each (the resampling test below keeps the default backend).
+SMALL = {"output": {"commit_every": 1}, "capture": {"backend": "transformers"},
+         "ray": {"batch_size": 1, "capture_batch": 1, "max_in_flight": 2}}
 
 
 class Service:

@@ -19,6 +19,7 @@ from factory.render import RenderedRow
 from factory.targets import HFTarget, TargetConfig, TargetError
 from tiny_models import build_tiny_qwen2_vl
 from factory.vllm_capture import CONNECTOR_CLASS, VllmCaptureConfig, VllmCaptureStage, VllmTarget, _take_file
+from shared.hardware import resolve_model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,26 @@ def rel_error(a: list, b: list) -> dict[str, float]:
             "aux_mean": aux.mean().item(), "last_mean": last.mean().item()}
 
 
-def within(error: dict[str, float], reference: dict[str, float], factor: float = 1.5) -> bool:
-    """Every figure of `error` at most `factor` times the same figure of `reference`."""
-    return all(error[k] <= factor * reference[k] for k in error)
+# The capture server computes in capture dtype auto, as a job runs it: float32 on CPUs without
+# native bfloat16 (this project's), bfloat16 on GPUs and AMX CPUs.
+DTYPE = resolve_model_dtype("auto", "cpu")
+# float32 on both sides is the same forward up to summation order: measured max 3e-5 (aux) and
+# 1e-5 (last) over 30 rows. 1e-3 still tells a different tensor (the next layer's residual is
+# ~0.1-0.5 away, the post-norm state ~1).
+FLOAT32_TOLERANCE = 1e-3
+
+
+def as_close_as_the_same_dtype_allows(error: dict[str, float], hf: dict[str, dict]) -> bool:
+    """vLLM's capture in DTYPE against transformers' float32 one. In float32: within
+    FLOAT32_TOLERANCE. In bfloat16, two implementations of bf16 arithmetic (vLLM's CPU kernels and
+    torch's) each sit ~1% (mean) from float32 and, on their worst token of thousands, 6-13%; the
+    means are stable, the worst token is not: vLLM's worst aux token measured 0.125 against
+    transformers' 0.074 in one run and 0.10 in another. So: means within 1.5x transformers' own
+    bf16 error, worst tokens within 2x."""
+    if DTYPE == "float32":
+        return all(v <= FLOAT32_TOLERANCE for v in error.values())
+    reference = rel_error(hf["bfloat16"], hf["float32"])
+    return all(error[k] <= (2.0 if k in ("aux", "last") else 1.5) * reference[k] for k in error)
 
 
 # --------------------------------------------------------------------------- the connector, without a server
@@ -147,7 +165,7 @@ def test_a_multimodal_target_is_sent_to_the_transformers_backend(smollm_dir, tmp
 
 @pytest.fixture(scope="module")
 def vllm_stage(smollm_dir):
-    with VllmCaptureStage(TargetConfig(model=smollm_dir, dtype="bfloat16"),
+    with VllmCaptureStage(TargetConfig(model=smollm_dir, dtype="auto"),
                           VllmCaptureConfig(max_length=2048, max_concurrency=8)) as stage:
         storage = stage.target._storage
         yield stage
@@ -164,36 +182,31 @@ def rows(smollm_dir) -> list[RenderedRow]:
 
 @pytest.fixture(scope="module")
 def hf_captures(smollm_dir, rows):
-    """Transformers captures of the rows, bf16 (the reference) and float32 (to size bf16's own error)."""
+    """Transformers captures of the rows in float32 (the reference) and, where the server computes
+    in bfloat16, in bfloat16 too (to size bf16's own error; emulated bf16 is slow where it is not native)."""
     out = {}
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ("float32", "bfloat16") if DTYPE == "bfloat16" else ("float32",):
         stage = CaptureStage(HFTarget(TargetConfig(model=smollm_dir, dtype=dtype)), CaptureConfig(max_batch_size=1))
         out[dtype] = stage.hidden_states(rows)
     return out
 
 
 @pytest.mark.slow
-def test_vllm_and_transformers_capture_the_same_states_within_bf16_tolerance(vllm_stage, rows, hf_captures):
-    """Tolerance measured, not guessed: vLLM (bf16) may sit no further from transformers than
-    transformers' own bf16 capture sits from its float32 one."""
+def test_vllm_and_transformers_capture_the_same_states_in_the_same_dtype(vllm_stage, rows, hf_captures):
+    """Like with like: the server computes in capture dtype auto (float32 here), and its states equal
+    transformers' float32 ones within float32 rounding (or, in bfloat16, within the bf16 tolerance)."""
     got = vllm_stage.hidden_states(rows)
-    bf16_error = rel_error(hf_captures["bfloat16"], hf_captures["float32"])
-    to_bf16, to_fp32 = rel_error(got, hf_captures["bfloat16"]), rel_error(got, hf_captures["float32"])
-    log.info("vLLM vs transformers bf16: %s; vLLM vs float32: %s; transformers bf16 vs float32: %s",
-             to_bf16, to_fp32, bf16_error)
-    # bf16 eps is 7.8e-3; over 30 layers a bf16 capture sits a few percent from float32 on average,
-    # up to ~12% on its worst token of a thousand.
-    assert bf16_error["aux_mean"] < 0.05 and bf16_error["aux"] < 0.2, bf16_error
-    assert within(to_fp32, bf16_error), (to_fp32, bf16_error)  # vLLM is as close to exact as transformers bf16
-    assert within(to_bf16, bf16_error), (to_bf16, bf16_error)  # and the two bf16 captures are as close
+    error = rel_error(got, hf_captures["float32"])
+    log.info("vLLM (%s) vs transformers float32: %s", DTYPE, error)
+    assert as_close_as_the_same_dtype_allows(error, hf_captures), (DTYPE, error)
     for (aux, last, positions), row in zip(got, rows):
         assert aux.shape == (row.num_tokens, 3, 576) and last.shape == (row.num_tokens, 576) and positions is None
-        assert aux.dtype == torch.bfloat16
+        assert aux.dtype == getattr(torch, DTYPE)
 
 
 @pytest.mark.slow
 def test_vllm_stage_makes_the_same_samples_as_capture_stage(vllm_stage, smollm_dir, rows):
-    hf_stage = CaptureStage(HFTarget(TargetConfig(model=smollm_dir, dtype="bfloat16")), CaptureConfig())
+    hf_stage = CaptureStage(HFTarget(TargetConfig(model=smollm_dir, dtype="auto")), CaptureConfig())
     assert vllm_stage.header == hf_stage.header
     samples, expected = vllm_stage(rows), hf_stage(rows[:2])
     assert [s.source_index for s in samples] == [r.source_index for r in rows]
@@ -229,10 +242,11 @@ def test_a_prompt_whose_prefix_is_cached_still_gets_every_tokens_hidden_states(v
     assert torch.equal(aux_long[:cached], aux_short[:cached]) and torch.equal(last_long[:cached], last_short[:cached])
     # Every token, the cached ones and those computed after them, agrees with transformers as a fresh
     # capture does.
+    dtypes = ("float32", "bfloat16") if DTYPE == "bfloat16" else ("float32",)
     reference = {dtype: CaptureStage(HFTarget(TargetConfig(model=smollm_dir, dtype=dtype)),
-                                     CaptureConfig()).hidden_states([longer]) for dtype in ("bfloat16", "float32")}
+                                     CaptureConfig()).hidden_states([longer]) for dtype in dtypes}
     error = rel_error([(aux_long, last_long)], reference["float32"])
-    assert within(error, rel_error(reference["bfloat16"], reference["float32"])), error
+    assert as_close_as_the_same_dtype_allows(error, reference), error
 
 
 def _prefix_cache_hits(stage: VllmCaptureStage) -> float:
@@ -245,5 +259,5 @@ def test_the_vllm_target_also_serves_capture_stage_through_the_target_protocol(v
     """`forward_capture` takes CaptureStage's right-padded batches, unpads them and pads the answer."""
     got = CaptureStage(vllm_stage.target, CaptureConfig(max_batch_size=3)).hidden_states(rows)
     error = rel_error(got, hf_captures["float32"])
-    assert within(error, rel_error(hf_captures["bfloat16"], hf_captures["float32"])), error
+    assert as_close_as_the_same_dtype_allows(error, hf_captures), error
     assert [a.shape[0] for a, _, _ in got] == [r.num_tokens for r in rows]
