@@ -45,7 +45,7 @@ from factory.plan import plan_job
 from factory.ray_auth import own_token, token_in_process
 from factory.render import RenderedRow
 from factory.resample import Outcome, Prompt, read_prompt
-from factory.rows import RowFailure, disk_full
+from factory.rows import QuarantineRecord, RowFailure, disk_full
 from shared.manifest import DatasetHeader, ManifestError, load_manifest, save_manifest
 from shared.shards import Sample, SampleError, ShardWriter
 from shared.storage import atomic_write_bytes
@@ -71,16 +71,6 @@ class FactoryError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- quarantine + shards
-
-
-@dataclass(kw_only=True, slots=True)
-class QuarantineRecord:
-    file: str
-    row: int
-    index: int  # position in the whole input
-    stage: str  # read | resample | render | capture | write
-    reason: str
-    sample_id: str | None = None
 
 
 class JobOutput:
@@ -134,8 +124,7 @@ class JobOutput:
         summary = self.manifest.info["quarantine"]
         if self._pending:
             name = f"{QUARANTINE_PREFIX}{len(summary['files']):05d}{QUARANTINE_SUFFIX}"
-            lines = "".join(json.dumps({"file": r.file, "row": r.row, "index": r.index, "sample_id": r.sample_id,
-                                        "stage": r.stage, "reason": r.reason}) + "\n" for r in self._pending)
+            lines = "".join(r.line() for r in self._pending)
             atomic_write_bytes(self.dir / name, lines.encode())
             summary["files"].append({"file": name, "rows": len(self._pending)})
             summary["rows"] += len(self._pending)

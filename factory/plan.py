@@ -23,7 +23,6 @@ only what its listed shards do not already hold.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from factory.inputs import InputError, MediaPaths, SourceRow, count_rows, has_me
 from factory.job import JobConfig, JobConfigError
 from factory.render import RenderError
 from factory.resample import Prompt, ResampleStage, read_prompt
-from factory.rows import is_row_failure
+from factory.rows import QuarantineRecord, is_row_failure
 from factory.targets import TargetFromConfig
 from shared.manifest import ManifestError, load_manifest
 from shared.shards import ShardSize, shard_size
@@ -168,9 +167,8 @@ class _Count:
 
     def quarantine(self, src: SourceRow, stage: str, reason: str | None, sample_id: str | None = None) -> None:
         self.quarantined += 1
-        record = {"file": src.file, "row": src.row, "index": src.index, "sample_id": sample_id, "stage": stage,
-                  "reason": reason}
-        self.quarantine_bytes += len(json.dumps(record)) + 1
+        self.quarantine_bytes += len(QuarantineRecord(file=src.file, row=src.row, index=src.index, stage=stage,
+                                                      reason=reason, sample_id=sample_id).line())
 
 
 def _count(job: JobConfig, media: MediaPaths, target: TargetFromConfig, show_progress: bool) -> _Count:

@@ -21,6 +21,7 @@ job resumes, while a job stopped for nothing only costs a restart.
 from __future__ import annotations
 
 import errno
+import json
 import sys
 from dataclasses import dataclass
 
@@ -69,3 +70,18 @@ def row_reason(e: BaseException, stage: str) -> str:
     """A quarantine reason for an unexpected exception: where, its type and its message."""
     text = f"the {stage} stage raised {type(e).__name__}: {e}"
     return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+
+
+@dataclass(kw_only=True, slots=True)
+class QuarantineRecord:
+    file: str
+    row: int
+    index: int  # position in the whole input
+    stage: str  # read | resample | render | capture | write
+    reason: str
+    sample_id: str | None = None
+
+    def line(self) -> str:
+        """The record as one line of a quarantine file."""
+        return json.dumps({"file": self.file, "row": self.row, "index": self.index, "sample_id": self.sample_id,
+                           "stage": self.stage, "reason": self.reason}) + "\n"
