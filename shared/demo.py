@@ -29,6 +29,13 @@ from shared.storage import atomic_write_bytes
 log = logging.getLogger("specmill.demo")
 
 
+# The capture backend of the demo's (and `bench peers`') factory job. A vLLM capture server
+# beside the resample server would bind its threads to the same core on 2 CPUs (the CPU build
+# reserves one for its front end); not yet measured end to end, so these keep the measured
+# transformers capture.
+CAPTURE_BACKEND = "transformers"
+
+
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
     workdir: Path
@@ -151,10 +158,7 @@ def _run_steps(config: DemoConfig) -> int:
              "submit", "--url", service.url, "--wait", "--model", model,
              "--prompts", str(evals_prompts), str(chitchat_prompts), "--out", str(data),
              "--max-samples", str(config.samples), "--max-tokens", str(config.max_tokens),
-             # A vLLM capture server beside the resample server would bind its threads to the same
-             # core on 2 CPUs (the CPU build reserves one for its front end); not yet measured end
-             # to end, so the demo keeps the measured transformers capture.
-             "--capture-backend", "transformers", env=service.client_env)
+             "--capture-backend", CAPTURE_BACKEND, env=service.client_env)
     step("verify the shards", "shards", "verify", str(data))
     step(f"train the EAGLE-3 draft ({config.steps} steps)", "train", "--data", str(data), "--target", model,
          "--out", str(run), "--steps", str(config.steps), "--val-samples", str(config.val_samples),

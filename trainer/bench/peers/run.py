@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared.demo import Steps
+from shared.demo import CAPTURE_BACKEND, Steps
 from shared.storage import atomic_write_bytes
 
 log = logging.getLogger("specmill.bench.peers")
@@ -115,7 +115,7 @@ def run_peers(config: PeersConfig) -> dict:
          "--n", str(config.eval_prompts), "--out", str(eval_prompts), done=eval_prompts)
     step("factory: resample the answers, capture hidden states", "factory", "run", "--model", str(model),
          "--prompts", str(train_prompts), "--out", str(data), "--max-tokens", str(config.max_tokens),
-         "--max-samples", str(config.samples))
+         "--max-samples", str(config.samples), "--capture-backend", CAPTURE_BACKEND)
     step("verify the shards", "shards", "verify", str(data))
     stats = data_stats(data, config)
 
@@ -258,8 +258,11 @@ def train_speculators(recipe: str, config: PeersConfig, python: Path, model: Pat
             "--log-dir", str(run / "logs"), "--speculator-type", "eagle3", "--epochs", str(config.epochs),
             "--target-layer-ids", *map(str, _vllm_ids(stats)),
             # CPU needs (not maths): no flex-attention mask, no Triton loss, no 12 worker processes
-            "--draft-attn-impl", "sdpa", "--loss-implementation", "eager", "--num-workers", "0"]
-    settings = {"epochs": config.epochs, "optimizer": "Muon lr 1e-3 (+AdamW), linear", "mask": alignment}
+            "--draft-attn-impl", "sdpa", "--loss-implementation", "eager", "--num-workers", "0",
+            # its own precision option, set as specmill's --precision auto resolves here
+            "--hidden-states-dtype", compute_dtype()]
+    settings = {"epochs": config.epochs, "optimizer": "Muon lr 1e-3 (+AdamW), linear", "mask": alignment,
+                "dtype": compute_dtype()}
     if recipe == "defaults":
         args += ["--draft-vocab-size", str(DEFAULT_DRAFT_VOCAB)]
         settings |= {"draft_vocab": DEFAULT_DRAFT_VOCAB, "ttt_steps": 3, "total_seq_len": 8192, "val_split": 0.1}
@@ -300,7 +303,10 @@ def train_specforge(recipe: str, config: PeersConfig, python: Path, model: Path,
     cfg = {
         "model": {"target_model_path": str(view),
                   # a tied target has no lm_head.weight: its head is the embedding
-                  "lm_head_key": "model.embed_tokens.weight" if tied else "lm_head.weight"},
+                  "lm_head_key": "model.embed_tokens.weight" if tied else "lm_head.weight",
+                  # its own precision option, set as specmill's --precision auto resolves here (the
+                  # draft's weights and compute; its target head stays bf16, as SpecForge fixes it)
+                  "torch_dtype": compute_dtype()},
         "data": {"hidden_states_path": str(peer_data), "cache_dir": str(run / "cache"),
                  "dataloader_num_workers": 0},
         "training": {"num_epochs": config.epochs, "log_interval": 10,
@@ -310,7 +316,7 @@ def train_specforge(recipe: str, config: PeersConfig, python: Path, model: Path,
         "output_dir": str(run / "out"),
     }
     settings = {"epochs": config.epochs, "optimizer": "AdamW lr 1e-4, cosine, warmup 1.5%", "batch": "1 sample",
-                "mask": alignment}
+                "mask": alignment, "dtype": compute_dtype()}
     vocab = None
     if recipe == "defaults":
         cfg["model"]["draft_model_config"] = str(specforge_draft_config(model, DEFAULT_DRAFT_VOCAB, run))
@@ -404,6 +410,15 @@ def _peer_run(cmd: list[str], logfile: Path, *, limit_s: float | None = None) ->
             raise PeerStopped(f"stopped at the time limit ({limit_s:.0f} s, --peer-limit); log {logfile}") from None
     if rc != 0:
         raise subprocess.CalledProcessError(rc, cmd, output=logfile.read_text(errors="replace"))
+
+
+def compute_dtype() -> str:
+    """The dtype every trainer computes in here: what specmill's `--precision auto` picks (bf16
+    on a GPU or a CPU with native bf16, else fp32), given to each peer through its own option, so
+    no trainer is slowed by emulated bf16 or favoured by lower precision."""
+    from shared.hardware import local_device, resolve_model_dtype
+
+    return resolve_model_dtype("auto", local_device())
 
 
 def _vllm_ids(stats: dict) -> list[int]:

@@ -7,7 +7,8 @@ Shims, each for one GPU assumption met on a 2-core CPU machine:
      which torch reads as accelerator 0 ("Cannot access accelerator device when none is
      available"). The trainer module's `get_local_rank` returns the CPU device instead.
   S2 autocast: with no accelerator the Trainer picks autocast device "cuda"; it gets "cpu"
-     (bf16 autocast on the CPU, as speculators does on a GPU).
+     (autocast at its --hidden-states-dtype: bench peers passes float32 on a CPU without
+     native bf16, where CPU autocast to float32 is a no-op, as specmill computes there).
   S3 synchronisation: the step timer calls `torch.accelerator.synchronize()`, which raises
      without an accelerator; with none there is nothing to wait for, so it is a no-op.
 """
