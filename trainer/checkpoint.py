@@ -144,7 +144,8 @@ def resolve_checkpoint(path: Path) -> Path:
 # describes how the older checkpoints without it were trained: such a checkpoint resumes
 # when this run has that value, and is refused (naming the field) otherwise.
 FIELDS_ADDED_LATER: dict[str, Any] = {"distributed.strategy": "ddp", "precision": "fp32",
-                                      "draft.init_sha256": None, "data.temperatures": None}
+                                      "draft.init_sha256": None, "data.temperatures": None,
+                                      "draft.norm_before_fc": False, "draft.norm_output": False}
 
 
 def global_batch(meta: dict[str, Any]) -> tuple[int, int]:

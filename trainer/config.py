@@ -151,8 +151,16 @@ class DraftConfig:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None
+    # "EAGLE 3.1" normalisation, named as vLLM's EAGLE-3 draft config names them (it reads both
+    # from an export): an RMSNorm over the concatenated aux hidden states before fc, and the
+    # post-final-norm hidden state fed back as the draft's recurrent input. Off until measured.
+    norm_before_fc: bool = False
+    norm_output: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("norm_before_fc", "norm_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"draft.{name} must be true or false, got {getattr(self, name)!r}")
         if self.init is not None:
             if str(self.init) == "" or is_uri(self.init):
                 raise ConfigError(f"draft.init must be a local export directory, got {self.init!r}")

@@ -5,8 +5,8 @@ Each rank reads its own share of every step's micro-batches (trainer/data.py). T
 - ddp: every rank holds the whole draft (it is one layer) and gradients are averaged with
   one flat all-reduce per step; there is no DDP wrapper because the TTT unroll calls the
   draft's parts, not its forward().
-- fsdp: torch FSDP2 `fully_shard` on each part the unroll calls (fc, midlayer, norm,
-  lm_head), so each part's forward hook gathers its parameters and its backward
+- fsdp: torch FSDP2 `fully_shard` on each part the unroll calls (input_norm if any, fc,
+  midlayer, norm, lm_head), so each part's forward hook gathers its parameters and its backward
   reduce-scatters the gradient mean; parameters, gradients and AdamW state live sharded.
   The root is not sharded: its forward() is never called. Checkpoints hold the full
   (unsharded) state, gathered to rank 0, so export reads them like ddp's.
@@ -113,19 +113,22 @@ def init_world(device: str) -> tuple[World, torch.device]:
 
 # --------------------------------------------------------------------------- fsdp
 
-# The draft's parts that the TTT unroll calls (so their forward hooks gather the parameters).
-SHARDED_PARTS = ("fc", "midlayer", "norm", "lm_head")
+# The draft's parts that the TTT unroll calls (so their forward hooks gather the parameters);
+# input_norm exists only with draft.norm_before_fc.
+SHARDED_PARTS = ("input_norm", "fc", "midlayer", "norm", "lm_head")
 
 
 def shard_draft(model: torch.nn.Module, world: World) -> None:
-    """FSDP2 `fully_shard` on each part in SHARDED_PARTS (in place, before the optimizer is built)."""
+    """FSDP2 `fully_shard` on each part in SHARDED_PARTS the draft has (in place, before the
+    optimizer is built)."""
     from torch.distributed.fsdp import fully_shard
 
-    covered = {f"{part}.{name}" for part in SHARDED_PARTS for name, _ in getattr(model, part).named_parameters()}
+    parts = [part for part in SHARDED_PARTS if getattr(model, part, None) is not None]
+    covered = {f"{part}.{name}" for part in parts for name, _ in getattr(model, part).named_parameters()}
     missing = {name for name, _ in model.named_parameters()} - covered
     if missing:  # a parameter outside every part would stay unsharded and un-averaged
         raise RuntimeError(f"parameters {sorted(missing)} are in no FSDP part {SHARDED_PARTS}")
-    for part in SHARDED_PARTS:
+    for part in parts:
         fully_shard(getattr(model, part))
     world.sharded = True
 

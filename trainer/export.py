@@ -3,16 +3,25 @@
 --format eagle (vLLM, SGLang/SpecForge):
     DIR/config.json        LlamaForCausalLMEagle3, one layer, every field the engines read
     DIR/model.safetensors  midlayer.*, fc.weight, norm.weight, lm_head.weight, d2t, t2d
+                           (+ input_norm.weight with draft.norm_before_fc)
 
 --format speculators (vllm-project/speculators; vLLM detects it by `speculators_config`):
     DIR/config.json        Eagle3Speculator: speculators_model_type, speculators_config
                            (algorithm, proposal_methods, default_proposal_method, verifier),
                            transformer_layer_config (the one Llama layer), draft_vocab_size,
-                           norm_before_residual, target_hidden_size, aux layer ids
+                           norm_before_residual, norm_before_fc, norm_output,
+                           target_hidden_size, aux layer ids
     DIR/model.safetensors  layers.0.*, fc.weight, norm.weight, lm_head.weight, d2t, t2d
+                           (+ input_norm.weight with draft.norm_before_fc)
 
 The same tensors in both: only the decoder layer's prefix differs. The token embedding is
 not written: the engines share the target's.
+
+norm_before_fc and norm_output are written top level in both layouts with the run's values:
+vLLM 0.32 reads norm_before_fc from eagle_config or else the top level and norm_output from
+the top level (eagle layout), and copies both from the top level of a speculators config
+(transformers_utils/configs/speculators/algos.py); absent, it takes them as false, and it
+skips `input_norm.*` weights when norm_before_fc is false.
 
 Aux layer ids. vLLM's `eagle_aux_hidden_state_layer_ids` number the residual stream
 *entering* decoder layer i (= HF `output_hidden_states[i]`). The data set's manifest says
@@ -50,6 +59,7 @@ def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
     h, n, hd = arch.hidden_size, arch.num_attention_heads, arch.head_dim
     kv, i = arch.num_key_value_heads, arch.intermediate_size
     return {
+        **({"input_norm.weight": (3 * h,)} if arch.norm_before_fc else {}),
         "fc.weight": (h, 3 * h),
         "midlayer.input_layernorm.weight": (h,),
         "midlayer.hidden_norm.weight": (h,),
@@ -112,6 +122,25 @@ def specmill_info(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def normalisation(arch: DraftArch) -> dict[str, bool]:
+    """The two EAGLE 3.1 settings as both layouts write them (top level, vLLM's names)."""
+    return {"norm_before_fc": arch.norm_before_fc, "norm_output": arch.norm_output}
+
+
+def read_normalisation(config: dict[str, Any]) -> dict[str, bool]:
+    """The two settings as vLLM reads them from an exported config.json of either layout:
+    norm_before_fc from eagle_config, else the top level; norm_output from the top level;
+    false where absent (vLLM's default, so a draft exported before they existed, or by
+    another tool, loads as the engine runs it)."""
+    eagle = config.get("eagle_config") or {}
+    settings = {"norm_before_fc": eagle.get("norm_before_fc", config.get("norm_before_fc", False)),
+                "norm_output": config.get("norm_output", False)}
+    for name, value in settings.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"config.json: {name} must be true or false, got {value!r}")
+    return settings
+
+
 def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLMEagle3"],
@@ -119,7 +148,7 @@ def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str,
         "target_hidden_size": arch.hidden_size,
         "draft_vocab_size": arch.draft_vocab_size,
         "norm_before_residual": False,
-        "norm_before_fc": False,
+        **normalisation(arch),
         "eagle_config": {
             "eagle_aux_hidden_state_layer_ids": vllm_aux_layer_ids(meta["aux_layer_ids"],
                                                                    meta["aux_layer_convention"]),
@@ -142,7 +171,7 @@ def speculators_config(arch: DraftArch, meta: dict[str, Any], dtype: str, *, ver
         "speculators_model_type": "eagle3",
         "draft_vocab_size": arch.draft_vocab_size,
         "norm_before_residual": False,
-        "norm_before_fc": False,
+        **normalisation(arch),
         "target_hidden_size": arch.hidden_size,
         "eagle_aux_hidden_state_layer_ids": vllm_aux_layer_ids(meta["aux_layer_ids"], meta["aux_layer_convention"]),
         "aux_hidden_state_layer_convention": AUX_CONVENTION_NOTE,
@@ -259,10 +288,12 @@ def load_exported(directory: Path, *, dtype: torch.dtype = torch.float32) -> Eag
 
     cfg = json.loads((Path(directory) / "config.json").read_text())
     state = load_file(str(Path(directory) / "model.safetensors"))
+    settings = read_normalisation(cfg)
     if "speculators_config" in cfg:
         layer = cfg["transformer_layer_config"]
         cfg = {**layer, "draft_vocab_size": cfg["draft_vocab_size"]}
         state = _rename(state, SPECULATORS_LAYER, EAGLE_LAYER)
+    cfg = {**cfg, **settings}
     arch = DraftArch(**{k: cfg[k] for k in DraftArch.__slots__})
     model = Eagle3Draft(arch)
     model.load_state_dict({k: v if k in ("d2t", "t2d") else v.to(dtype) for k, v in state.items()}, strict=True)
@@ -272,10 +303,11 @@ def load_exported(directory: Path, *, dtype: torch.dtype = torch.float32) -> Eag
 def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
                aux_layer_convention: str) -> dict[str, Any]:
     """Load an exported draft (either format) into `model`, a draft freshly initialised for
-    this run (`init_from_target`): the decoder layer, fc and norm are taken as they are; of
-    lm_head, the rows of the target ids both draft vocabularies hold, and for the ids the init
+    this run (`init_from_target`): the decoder layer, fc, norm and input_norm (if any) are taken
+    as they are; of lm_head, the rows of the target ids both draft vocabularies hold, and for the ids the init
     lacks the mean of its rows (d2t/t2d stay this run's vocab). The export must have this
-    run's shape and read the same aux layers. Returns what was carried over."""
+    run's shape (draft.norm_before_fc and draft.norm_output included) and read the same aux
+    layers. Returns what was carried over."""
     directory = Path(directory)
     if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
         raise ValueError(f"draft.init {directory}: not an exported draft (needs config.json and model.safetensors, "
@@ -288,7 +320,7 @@ def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
     differ = [f"{k} {theirs[k]!r} (run: {mine[k]!r})" for k in mine if k != "draft_vocab_size" and mine[k] != theirs[k]]
     if differ:
         raise ValueError(f"draft.init {directory}: the draft has another shape than this run's: {'; '.join(differ)}; "
-                         "set the draft.* sizes to the init's or train from the target's head")
+                         "set the draft.* sizes and settings to the init's or train from the target's head")
     config = json.loads((directory / "config.json").read_text())
     theirs_aux = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
         or config.get("eagle_aux_hidden_state_layer_ids")
@@ -314,7 +346,7 @@ def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
         # AL 1.01 on the first batches, against 9.5 and 1.95 with the mean).
         lm_head[~shared.to(lm_head.device)] = theirs_head.mean(0).to(lm_head)
     carried = int(shared.sum())
-    log.info("draft.init %s: layer, fc and norm loaded; lm_head rows for %d of this run's %d draft ids "
+    log.info("draft.init %s: layer, fc and norms loaded; lm_head rows for %d of this run's %d draft ids "
              "(the init has %d), the other %d start as the mean of its rows", directory, carried,
              model.arch.draft_vocab_size, source.arch.draft_vocab_size, model.arch.draft_vocab_size - carried)
     with open(directory / "model.safetensors", "rb") as f:

@@ -4,8 +4,11 @@ Alignment (the usual trap). Tokens x_0..x_{T-1} of one sample; the target's hidd
 position t has read x_0..x_t, so its distribution p_t = P_target(x_{t+1} | x_<=t).
 
     draft position t, unroll step s = 0..k-1:
-      hidden input   h^0_t = fc(aux_t)                  (the target's features at t)
-                     h^s_t = draft output of step s-1 at t  (its own pre-norm hidden; s > 0)
+      hidden input   h^0_t = fc(aux_t)                  (the target's features at t;
+                                                         fc(input_norm(aux_t)) with norm_before_fc)
+                     h^s_t = r(o^{s-1}_t)               (s > 0: its own output fed back)
+      output         o^s_t, the decoder layer's pre-norm output;  r(o) = o, or norm(o) with
+                     norm_output (Eagle3Draft.recurrent)
       token input    x_{t+1+s}                          (teacher-forced)
       rope position  t + s                              (where that draft token sits at inference)
       predicts       x_{t+2+s};  target q*_{t,s} = p_{t+1+s} restricted to the draft vocab
@@ -21,7 +24,7 @@ V_s the counted positions of step s and w_s = step_decay^s:
 
     L = sum_s w_s * (1/|V_s|) * sum_{t in V_s} -sum_v p_{t+1+s}(v) log q^s_t(v)
     p_j(v)   = softmax_v( lm_head_target(norm_target(last_j))[draft_ids] )   (norm only if pre-norm)
-    q^s_t(v) = softmax_v( lm_head(norm(h^{s+1}_t)) )
+    q^s_t(v) = softmax_v( lm_head(norm(o^s_t)) )
 
 acc_s = fraction of V_s where argmax q^s_t = argmax p_{t+1+s}; the simulated acceptance
 length is 1 + sum_k prod_{i<=k} acc_i (a chain stops at its first miss; +1 bonus token).
@@ -95,7 +98,7 @@ def shift_left(x: torch.Tensor, n: int, fill: float | int | bool) -> torch.Tenso
 
 def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int, segments: Segments | None = None,
                active: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Run the draft `steps` times; returns h^{s+1} (the pre-norm output of step s), each [B, L, H].
+    """Run the draft `steps` times; returns o^s (the pre-norm output of step s), each [B, L, H].
 
     Step 0 runs on every position (later steps attend to its keys); steps 1..k-1 only where
     `active` [B, L] is True (default: everywhere), their outputs elsewhere left 0 (see Picked)."""
@@ -109,8 +112,9 @@ def ttt_unroll(draft: Eagle3Draft, batch: Batch, steps: int, segments: Segments 
     hidden = picked.gather(hidden)  # [1, n, H]
     for s in range(1, steps):
         tokens = picked.gather(shift_left(batch.input_ids, 1 + s, 0))  # x_{t+1+s}
-        hidden = draft.layer(draft.embed(tokens), hidden, picked.gather(batch.position_ids) + s, cache, segments,
-                             picked)
+        # h^s = r(o^{s-1}) -> o^s
+        hidden = draft.layer(draft.embed(tokens), draft.recurrent(hidden), picked.gather(batch.position_ids) + s,
+                             cache, segments, picked)
         outputs.append(picked.scatter(hidden, batch.input_ids.shape))
     return outputs
 

@@ -1,5 +1,6 @@
 """The EAGLE-3 draft, laid out exactly as vLLM and SGLang load it.
 
+    input_norm: RMSNorm(3H)                    only with norm_before_fc: normalises the fc input
     fc:      Linear(3H -> H)                   fuses the target's three aux hidden states
     midlayer: one Llama decoder layer whose attention input is
              cat(input_layernorm(embed(token)), hidden_norm(h))   [.., 2H]
@@ -10,8 +11,15 @@
     embed_tokens: the target's embedding, frozen, not saved (a non-persistent buffer)
 
 Module names are the export names (`midlayer.self_attn.q_proj.weight`, ...), so the state
-dict *is* the EAGLE-format checkpoint. One step of the draft is `layer()`; the
+dict *is* the EAGLE-format checkpoint. One step of the draft is `layer()`; what a step feeds
+the next is `recurrent()` (its pre-norm output h, or norm(h) with norm_output); the
 training-time-test unroll over several steps lives in loss.py.
+
+norm_before_fc and norm_output ("EAGLE 3.1" normalisation) are named and computed as vLLM's
+EAGLE-3 draft (model_executor/models/llama_eagle3.py) names and computes them: vLLM applies
+`input_norm` to the concatenated aux states in `combine_hidden_states`, before `fc`, and with
+`norm_output` returns the post-norm hidden state as the one it feeds back. Both off, the
+draft and its state dict are the plain EAGLE-3 ones.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ class DraftArch:
     max_position_embeddings: int
     vocab_size: int  # the target's
     draft_vocab_size: int
+    # Defaults: what a checkpoint written before these settings existed was trained as.
+    norm_before_fc: bool = False
+    norm_output: bool = False
 
     @classmethod
     def resolve(cls, target: TargetArch, config: DraftConfig, *, draft_vocab_size: int) -> DraftArch:
@@ -65,6 +76,8 @@ class DraftArch:
             max_position_embeddings=target.max_position_embeddings,
             vocab_size=target.vocab_size,
             draft_vocab_size=draft_vocab_size,
+            norm_before_fc=config.norm_before_fc,
+            norm_output=config.norm_output,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,6 +309,8 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         self.arch = arch
         h = arch.hidden_size
+        # None when off, so a default draft's state dict (and export) has no input_norm at all.
+        self.input_norm = RMSNorm(3 * h, arch.rms_norm_eps) if arch.norm_before_fc else None
         self.fc = nn.Linear(3 * h, h, bias=False)
         self.midlayer = Eagle3DecoderLayer(arch)
         self.norm = RMSNorm(h, arch.rms_norm_eps)
@@ -330,8 +345,16 @@ class Eagle3Draft(nn.Module):
         return torch.arange(self.arch.draft_vocab_size, device=self.d2t.device) + self.d2t
 
     def fuse(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
-        """g = fc(cat(aux_0, aux_1, aux_2)): [B, L, 3, H] -> [B, L, H]."""
-        return self.fc(aux_hidden_states.flatten(-2).to(self.fc.weight.dtype))
+        """g = fc(a), a = cat(aux_0, aux_1, aux_2), or fc(input_norm(a)) with norm_before_fc
+        (one RMSNorm over all 3H, as vLLM's combine_hidden_states): [B, L, 3, H] -> [B, L, H]."""
+        a = aux_hidden_states.flatten(-2).to(self.fc.weight.dtype)  # [B, L, 3H]
+        return self.fc(a if self.input_norm is None else self.input_norm(a))
+
+    def recurrent(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden input of the next step (the next TTT step, the next speculative position)
+        from a step's output h: h itself, or norm(h) with norm_output (vLLM's `aux_output`).
+        The logits are lm_head(norm(h)) either way."""
+        return self.norm(hidden) if self.arch.norm_output else hidden
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is None:

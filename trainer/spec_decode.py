@@ -111,11 +111,12 @@ class EagleProposer:
       step 0   crop the cache to v0 (drop last round's chained entries), then run positions
                v0..v1-1 at once: token x_{t+1}, hidden h^0_t = fc(aux_t); query t attends to
                entries 0..t (causal). Its output at v1-1 gives d_1.
-      step s   (s = 1..k-1) one position v1-1+s: token d_s, hidden h^s = step s-1's pre-norm
-               output; attends to entries 0..v1-1 (the prefix, step 0's) and v1..v1-1+s (its own
+      step s   (s = 1..k-1) one position v1-1+s: token d_s, hidden h^s = draft.recurrent of
+               step s-1's output (pre-norm, or normed with norm_output); attends to entries 0..v1-1 (the prefix, step 0's) and v1..v1-1+s (its own
                chain). That is training's TTT pattern (loss.py): at draft position t, step s sees
                step-0 keys at t' <= t plus steps 1..s at t, with rope position t + s.
-    d_s = argmax over the draft vocab of lm_head(norm(h^s)), mapped to a target id with d2t.
+    d_s = argmax over the draft vocab of lm_head(norm(o)), o = step s-1's output, mapped to a
+    target id with d2t.
     """
     needs_aux = True
 
@@ -136,10 +137,10 @@ class EagleProposer:
             self.keys, self.values = self.keys[:, :, :start], self.values[:, :, :start]
         proposals = []
         for _ in range(self.k):
-            hidden = self.layer(ids, hidden, positions)[:, -1:]  # h^{s+1} at the chain's head: [1, 1, H]
-            best = int(self.draft.logits(hidden)[0, 0].argmax())  # a draft-vocab index
+            out = self.layer(ids, hidden, positions)[:, -1:]  # step s's output at the chain's head: [1, 1, H]
+            best = int(self.draft.logits(out)[0, 0].argmax())  # a draft-vocab index
             proposals.append(best + int(self.draft.d2t[best]))  # target id = i + d2t[i]
-            ids, positions = torch.tensor([[proposals[-1]]]), positions[-1:] + 1
+            ids, positions, hidden = torch.tensor([[proposals[-1]]]), positions[-1:] + 1, self.draft.recurrent(out)
         return proposals
 
     def layer(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
