@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, TrainConfig, load_config, parse_override
+from trainer.config import ConfigError, DraftConfig, TrainConfig, load_config, parse_override
 
 from machine import thp_mode
 
@@ -42,6 +42,7 @@ def test_toml_then_flags_build_the_config_with_paths_relative_to_the_file(tmp_pa
     ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "optim.schedule": "linear"}, "optim.schedule"),
     ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "data.temperatures": [-1]}, "data.temperatures"),
     ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "data.temperatures": []}, "data.temperatures"),
+    ({"steps": 5, "data.path": "d", "target.path": "t", "out": "o", "draft.norm_output": "yes"}, "draft.norm_output"),
 ])
 def test_bad_settings_are_refused_naming_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -52,6 +53,11 @@ def test_set_parses_toml_values():
     assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
     assert parse_override("device=cpu") == ("device", "cpu")
     assert parse_override("optim.betas=[0.9, 0.95]") == ("optim.betas", [0.9, 0.95])
+    assert parse_override("draft.norm_before_fc=true") == ("draft.norm_before_fc", True)
+    config = load_config(None, dict(parse_override(f"{k}=true") for k in ("draft.norm_before_fc", "draft.norm_output"))
+                         | {"steps": 5, "data.path": "d", "target.path": "t", "out": "o"})
+    assert (config.draft.norm_before_fc, config.draft.norm_output) == (True, True)
+    assert (DraftConfig().norm_before_fc, DraftConfig().norm_output) == (False, False)  # off until measured
 
 
 def test_train_then_export_from_the_command_line(tmp_path, synth_data, tiny_target):

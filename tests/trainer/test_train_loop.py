@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from trainer.checkpoint import CheckpointMismatch, latest_checkpoint, read_meta
+from trainer.export import load_exported
 from trainer.run_layout import META_FILE, STATE_FILE
 from trainer.train import train
-from trainer_fixtures import run_config
+from trainer_fixtures import export_eagle, run_config
 
 
 def model_state(out: Path) -> dict[str, torch.Tensor]:
@@ -98,11 +99,18 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_with_that_fields_old_b
     first = train(run_config(out, synth_data, tiny_target, stop_after=2, precision="fp32"))
     meta_file = first.checkpoint / META_FILE
     meta = json.loads(meta_file.read_text())
-    for field in ("precision", "data.temperatures"):  # as written before they existed
+    # as written before they existed
+    for field in ("precision", "data.temperatures", "draft.norm_before_fc", "draft.norm_output"):
         del meta["identity"][field]
+    for field in ("norm_before_fc", "norm_output"):
+        del meta["arch"][field]
     meta_file.write_text(json.dumps(meta))
+    old = load_exported(export_eagle(first.checkpoint, tmp_path / "old-draft"))
+    assert (old.arch.norm_before_fc, old.arch.norm_output, old.input_norm) == (False, False, None)
     with pytest.raises(CheckpointMismatch, match="precision: checkpoint 'fp32' != now 'bf16'"):
         train(run_config(out, synth_data, tiny_target, stop_after=3, precision="bf16"))
+    with pytest.raises(CheckpointMismatch, match="draft.norm_output: checkpoint False != now True"):
+        train(run_config(out, synth_data, tiny_target, stop_after=3, **{"draft.norm_output": True}))
     assert train(run_config(out, synth_data, tiny_target, stop_after=3, precision="fp32")).step == 3
 
 

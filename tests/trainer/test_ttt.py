@@ -19,11 +19,12 @@ from trainer_fixtures import HIDDEN, VOCAB, tiny_llama_config
 K = 4
 
 
-def make_draft(seed: int = 0) -> Eagle3Draft:
+def make_draft(seed: int = 0, *, norm_before_fc: bool = False, norm_output: bool = False) -> Eagle3Draft:
     torch.manual_seed(seed)
     arch = DraftArch(hidden_size=HIDDEN, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
-                     max_position_embeddings=512, vocab_size=VOCAB, draft_vocab_size=VOCAB)
+                     max_position_embeddings=512, vocab_size=VOCAB, draft_vocab_size=VOCAB,
+                     norm_before_fc=norm_before_fc, norm_output=norm_output)
     draft = Eagle3Draft(arch)
     with torch.no_grad():  # non-trivial norms so a wrong wiring shows
         for p in draft.parameters():
@@ -53,14 +54,20 @@ def naive_chain(draft: Eagle3Draft, batch: Batch, t: int, steps: int) -> list[to
     """What the draft computes at inference when it drafts `steps` tokens after position t,
     written independently of the TTT code: one growing sequence (the step-0 prefix 0..t,
     then one entry per earlier draft), plain causal attention recomputed from scratch, and
-    HF's own RoPE. Returns the hidden output of each step at position t."""
+    HF's own RoPE. With norm_before_fc the fc input is RMS-normalised over all 3H; with
+    norm_output the normed output is what the next step reads (vLLM's EAGLE-3 draft).
+    Returns the (pre-norm) hidden output of each step at position t."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * x / (x.pow(2).mean(-1, keepdim=True) + arch.rms_norm_eps).sqrt()
 
     layer, arch = draft.midlayer, draft.arch
     rope = LlamaRotaryEmbedding(tiny_llama_config(hidden_size=HIDDEN, num_attention_heads=4, head_dim=16))
     ids, aux = batch.input_ids[0], batch.aux_hidden_states[0]
     embeds = F.embedding(ids[1:t + 2], draft.embed_tokens)  # x_{t'+1} for t' = 0..t
-    hidden = draft.fc(aux[: t + 1].flatten(-2))  # g_{t'}
+    fc_input = aux[: t + 1].flatten(-2)  # [t+1, 3H]
+    hidden = draft.fc(rms(fc_input, draft.input_norm.weight) if arch.norm_before_fc else fc_input)  # g_{t'}
     positions = list(range(t + 1))
     outs = []
     for s in range(steps):
@@ -78,15 +85,17 @@ def naive_chain(draft: Eagle3Draft, batch: Batch, t: int, steps: int) -> list[to
         outs.append(h[0, -1])
         # the next draft step after position t: its own output, the next token, one position on
         embeds = torch.cat([embeds, F.embedding(ids[t + 2 + s:t + 3 + s], draft.embed_tokens)])
-        hidden = torch.cat([hidden, h[0, -1:]])
+        hidden = torch.cat([hidden, rms(h[0, -1:], draft.norm.weight) if arch.norm_output else h[0, -1:]])
         positions.append(t + 1 + s)
     assert arch.head_dim == 16
     return outs
 
 
+@pytest.mark.parametrize("norm_before_fc, norm_output", [(False, False), (True, True), (True, False), (False, True)],
+                         ids=["eagle3", "eagle3.1-norms", "norm_before_fc", "norm_output"])
 @torch.no_grad()
-def test_each_step_matches_inference_recomputed_naively():
-    draft, batch = make_draft(), make_batch([24])
+def test_each_step_matches_inference_recomputed_naively(norm_before_fc, norm_output):
+    draft, batch = make_draft(norm_before_fc=norm_before_fc, norm_output=norm_output), make_batch([24])
     outs = ttt_unroll(draft, batch, K)
     for t in (0, 5, 17):
         for s, expected in enumerate(naive_chain(draft, batch, t, K)):
@@ -255,8 +264,9 @@ def test_target_distribution_where_needed_equals_the_whole_one_there():
     assert not part.in_vocab[~needed].any() and not part.probs[~needed].any()
 
 
-def test_later_steps_run_only_where_asked_and_agree_there():
-    draft, batch = make_draft(), make_batch([20, 13], seed=8)
+@pytest.mark.parametrize("norms", [False, True], ids=["eagle3", "eagle3.1-norms"])
+def test_later_steps_run_only_where_asked_and_agree_there(norms):
+    draft, batch = make_draft(norm_before_fc=norms, norm_output=norms), make_batch([20, 13], seed=8)
     active = torch.rand(batch.loss_mask.shape, generator=torch.Generator().manual_seed(9)) < 0.4
     weights = [torch.randn(HIDDEN) for _ in range(K)]
 
