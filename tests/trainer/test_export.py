@@ -42,6 +42,7 @@ def test_export_writes_every_tensor_with_its_shape_and_the_config_engines_read(t
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
     assert config["eagle_config"]["use_aux_hidden_state"] is True
     assert "residual_entering_layer" in config["eagle_config"]["aux_hidden_state_layer_convention"]
+    assert (config["norm_before_fc"], config["norm_output"]) == (False, False)  # plain EAGLE-3 by default
     shapes = tensor_shapes(DraftArch(**{k: config[k] for k in DraftArch.__slots__}))
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == EXPECTED_NAMES
@@ -107,7 +108,8 @@ def test_speculators_export_has_the_layout_and_config_vllm_reads(trained_run, tm
 
     parsed = SpeculatorsConfig.from_pretrained(str(out))
     assert parsed.architectures == ["Eagle3LlamaForCausalLM"]
-    assert (parsed.draft_vocab_size, parsed.norm_before_residual, parsed.norm_before_fc) == (128, False, False)
+    assert (parsed.draft_vocab_size, parsed.norm_before_residual, parsed.norm_before_fc, parsed.norm_output) == \
+        (128, False, False, False)
     assert parsed.eagle_aux_hidden_state_layer_ids == [1, 2, 3] and parsed.target_hidden_size == 64
     assert SpeculatorsConfig.extract_vllm_speculative_config(config) == {"method": "eagle3",
                                                                          "num_speculative_tokens": 3}
@@ -119,6 +121,51 @@ def test_a_speculators_export_loads_back_into_the_same_draft_as_the_eagle_one(tr
     assert spec.arch == eagle.arch
     a, b = eagle.state_dict(), spec.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def normed_run(tmp_path_factory, real_data, tiny_target):
+    out = tmp_path_factory.mktemp("export-normed") / "run"
+    train(run_config(out, real_data, tiny_target, steps=3, **{"draft.draft_vocab_size": 128,
+                                                              "draft.norm_before_fc": True, "draft.norm_output": True}))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["eagle", "speculators"])
+def test_eagle_31_norms_travel_through_either_export_as_vllm_reads_them_and_load_back(normed_run, tmp_path, layout):
+    out = export(normed_run, tmp_path / layout, format=layout, dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["norm_before_fc"], config["norm_output"]) == (True, True)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "input_norm.weight" in f.keys() and tuple(f.get_tensor("input_norm.weight").shape) == (3 * 64,)
+    # what vLLM's EAGLE-3 draft reads: eagle_config.norm_before_fc (absent here) else the top level, and
+    # norm_output from the top level; speculators: its SpeculatorsConfig copies both from the top level
+    if layout == "eagle":
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(out)
+        assert "norm_before_fc" not in hf.eagle_config and (hf.norm_before_fc, hf.norm_output) == (True, True)
+    else:
+        from vllm.transformers_utils.configs.speculators.base import SpeculatorsConfig
+
+        parsed = SpeculatorsConfig.from_pretrained(str(out))
+        assert (parsed.norm_before_fc, parsed.norm_output, parsed.norm_before_residual) == (True, True, False)
+    loaded = load_exported(out)
+    assert (loaded.arch.norm_before_fc, loaded.arch.norm_output) == (True, True)
+    state = torch.load(latest_checkpoint(normed_run / "checkpoints") / STATE_FILE, weights_only=True)["model"]
+    mine = loaded.state_dict()
+    assert set(mine) == set(state) and all(torch.equal(mine[k], state[k]) for k in state)
+    assert not torch.equal(state["input_norm.weight"], torch.ones(3 * 64))  # trained, so a lost one would show
+
+
+def test_a_warm_start_keeps_the_inits_norms_and_refuses_a_run_without_them(normed_run, tmp_path, real_data,
+                                                                          tiny_target):
+    init = export_eagle(normed_run, tmp_path / "init", dtype="float32")
+    with pytest.raises(ValueError, match=r"norm_before_fc True \(run: False\); norm_output True \(run: False\)"):
+        _setup(tmp_path / "a", real_data, tiny_target, **{"draft.init": init})
+    run = _setup(tmp_path / "b", real_data, tiny_target, **{"draft.init": init, "draft.norm_before_fc": True,
+                                                             "draft.norm_output": True})
+    torch.testing.assert_close(run.model.input_norm.weight, load_exported(init).input_norm.weight, atol=0, rtol=0)
 
 
 def test_speculators_export_names_a_verifier_that_exists(trained_run, tmp_path):
