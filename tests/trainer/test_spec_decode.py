@@ -61,20 +61,29 @@ def trained_draft(tmp_path_factory, real_data, tiny_target, target_model) -> Eag
     return draft.eval()
 
 
-def random_draft(target_dir: Path, embed: torch.Tensor, *, draft_vocab: int, seed: int = 0) -> Eagle3Draft:
-    arch = DraftArch.resolve(TargetArch.from_config_json(target_dir), DraftConfig(), draft_vocab_size=draft_vocab)
+def random_draft(target_dir: Path, embed: torch.Tensor, *, draft_vocab: int, seed: int = 0,
+                 norms: bool = False) -> Eagle3Draft:
+    """norms: with both EAGLE 3.1 norms (draft.norm_before_fc, draft.norm_output), their weights
+    not all ones so that a norm applied in the wrong place shows."""
+    config = DraftConfig(norm_before_fc=norms, norm_output=norms)
+    arch = DraftArch.resolve(TargetArch.from_config_json(target_dir), config, draft_vocab_size=draft_vocab)
     torch.manual_seed(seed)
     draft = Eagle3Draft(arch)
+    if norms:
+        with torch.no_grad():
+            draft.input_norm.weight.uniform_(0.5, 1.5)
+            draft.norm.weight.uniform_(0.5, 1.5)
     draft.t2d[:draft_vocab] = True  # the first draft_vocab target ids, d2t offsets 0
     draft.attach_target_embedding(embed)
     return draft.eval()
 
 
-@pytest.fixture(scope="module", params=["trained", "random"])
+@pytest.fixture(scope="module", params=["trained", "random", "random-eagle3.1-norms"])
 def draft(request, tiny_target, target_model) -> Eagle3Draft:
     if request.param == "trained":
         return request.getfixturevalue("trained_draft")
-    return random_draft(tiny_target, target_model.get_input_embeddings().weight, draft_vocab=384)
+    return random_draft(tiny_target, target_model.get_input_embeddings().weight, draft_vocab=384,
+                        norms=request.param.endswith("norms"))
 
 
 def greedy_reference(model, prompt: list[int], max_tokens: int, eos: int | None = None) -> list[int]:
@@ -163,8 +172,9 @@ def draft_proposals_from_scratch(model, draft: Eagle3Draft, tokens: list[int]) -
         segments = Segments.of(torch.zeros_like(ids))
         hidden, cache, proposals = draft.fuse(aux), [], []
         for s in range(K):
-            hidden = draft.layer(draft.embed(ids), hidden, positions + s, cache, segments)
-            best = int(draft.logits(hidden[0, -1]).argmax())
+            out = draft.layer(draft.embed(ids), hidden, positions + s, cache, segments)
+            hidden = draft.recurrent(out)
+            best = int(draft.logits(out[0, -1]).argmax())
             proposals.append(best + int(draft.d2t[best]))
             ids = ids.clone()
             ids[0, -1] = proposals[-1]  # step s+1 reads the draft's own token at the chain's head
