@@ -129,20 +129,32 @@ def build_default_dataset(target: Path, out: Path) -> None:
         writer.close()
 
 
-@pytest.fixture(scope="module")
-def default_draft(tmp_path_factory) -> tuple[Path, Path]:
+def train_default_draft(root: Path, *flags: str) -> tuple[Path, Path]:
+    """The default target and a draft trained briefly on its own answers (`specmill train` with
+    `flags` added), exported in the eagle layout."""
     from factory.default_model import DefaultModelConfig, prepare_default
 
     target = prepare_default(DefaultModelConfig(engine_check=False))
-    root = tmp_path_factory.mktemp("eval")
     build_default_dataset(target, root / "data")
     trained = specmill("train", "--data", str(root / "data"), "--target", str(target), "--out", str(root / "run"),
                        "--steps", "30", "--device", "cpu", "--token-budget", "512", "--draft-vocab-size", "2048",
-                       "--ttt-steps", "3", "--lr", "1e-3", "--precision", "fp32", "--no-progress")
+                       "--ttt-steps", "3", "--lr", "1e-3", "--precision", "fp32", "--no-progress", *flags)
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = specmill("export", str(root / "run"), "--format", "eagle", "--out", str(root / "draft"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     return target, root / "draft"
+
+
+@pytest.fixture(scope="module")
+def default_draft(tmp_path_factory) -> tuple[Path, Path]:
+    return train_default_draft(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def normed_default_draft(tmp_path_factory) -> tuple[Path, Path]:
+    """The same with both EAGLE 3.1 norms on (draft.norm_before_fc, draft.norm_output)."""
+    return train_default_draft(tmp_path_factory.mktemp("eval-normed"), "--set", "draft.norm_before_fc=true",
+                               "--set", "draft.norm_output=true")
 
 
 @pytest.mark.slow
@@ -175,13 +187,15 @@ CROSS_CHECK_PROMPTS = EVAL_PROMPTS + QUESTIONS  # held-out and training question
 
 
 @pytest.mark.slow
-def test_torch_engine_accepts_as_often_as_vllm_and_gives_the_greedy_output(default_draft, tmp_path):
+@pytest.mark.parametrize("trained", ["default_draft", "normed_default_draft"], ids=["eagle3", "eagle3.1-norms"])
+def test_torch_engine_accepts_as_often_as_vllm_and_gives_the_greedy_output(trained, request, tmp_path):
     """The same draft, prompts and greedy float32 decoding in vLLM's EAGLE-3 proposer and in
     specmill's own loop: their acceptance lengths agree within 5%. A disagreement means one of
-    them feeds the draft differently (position ids, aux layers, which hidden state comes last)."""
+    them feeds the draft differently (position ids, aux layers, which hidden state comes last,
+    and with the EAGLE 3.1 norms whether vLLM reads them from the export as trained)."""
     from trainer.evaluate import run_ways
 
-    target, draft = default_draft
+    target, draft = request.getfixturevalue(trained)
     prompts_path = tmp_path / "prompts.jsonl"
     prompts_path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
                                     for q in CROSS_CHECK_PROMPTS))
