@@ -303,9 +303,9 @@ def load_exported(directory: Path, *, dtype: torch.dtype = torch.float32) -> Eag
 def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
                aux_layer_convention: str) -> dict[str, Any]:
     """Load an exported draft (either format) into `model`, a draft freshly initialised for
-    this run (`init_from_target`): the decoder layer, fc, norm and input_norm (if any) are taken
-    as they are; of lm_head, the rows of the target ids both draft vocabularies hold, and for the ids the init
-    lacks the mean of its rows (d2t/t2d stay this run's vocab). The export must have this
+    this run (`init_from_target`): the decoder layer, fc, norm and input_norm (if any) are
+    taken as they are; of lm_head, the rows of the target ids both draft vocabularies hold, and
+    for the ids the init lacks the mean of its rows (d2t/t2d stay this run's vocab). The export must have this
     run's shape (draft.norm_before_fc and draft.norm_output included) and read the same aux
     layers. Returns what was carried over."""
     directory = Path(directory)

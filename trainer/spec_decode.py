@@ -109,12 +109,13 @@ class EagleProposer:
     Cache: keys/values [1, nkv, T, hd]; entry t has rope position t. Per round, with the target
     features aux_t newly known for t in [v0, v1):
       step 0   crop the cache to v0 (drop last round's chained entries), then run positions
-               v0..v1-1 at once: token x_{t+1}, hidden h^0_t = fc(aux_t); query t attends to
-               entries 0..t (causal). Its output at v1-1 gives d_1.
-      step s   (s = 1..k-1) one position v1-1+s: token d_s, hidden h^s = draft.recurrent of
-               step s-1's output (pre-norm, or normed with norm_output); attends to entries 0..v1-1 (the prefix, step 0's) and v1..v1-1+s (its own
-               chain). That is training's TTT pattern (loss.py): at draft position t, step s sees
-               step-0 keys at t' <= t plus steps 1..s at t, with rope position t + s.
+               v0..v1-1 at once: token x_{t+1}, hidden h^0_t = draft.fuse(aux_t); query t attends
+               to entries 0..t (causal). Its output at v1-1 gives d_1.
+      step s   (s = 1..k-1) one position v1-1+s: token d_s, hidden h^s = draft.recurrent(step
+               s-1's output), i.e. that output, or its norm with norm_output; attends to entries
+               0..v1-1 (the prefix, step 0's) and v1..v1-1+s (its own chain). That is
+               training's TTT pattern (loss.py): at draft position t, step s sees step-0 keys
+               at t' <= t plus steps 1..s at t, with rope position t + s.
     d_s = argmax over the draft vocab of lm_head(norm(o)), o = step s-1's output, mapped to a
     target id with d2t.
     """
