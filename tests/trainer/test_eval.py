@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,7 +188,13 @@ CROSS_CHECK_PROMPTS = EVAL_PROMPTS + QUESTIONS  # held-out and training question
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trained", ["default_draft", "normed_default_draft"], ids=["eagle3", "eagle3.1-norms"])
+@pytest.mark.parametrize("trained", [
+    "default_draft",
+    # A second trained draft and three more vLLM loads: 13 min on 2 CPUs, which the CI run (the
+    # whole suite in 90 minutes) cannot spare. Its figures are in docs/design.md.
+    pytest.param("normed_default_draft", marks=pytest.mark.skipif(
+        not os.environ.get("SPECMILL_LONG_TESTS"), reason="13 min on 2 CPUs; set SPECMILL_LONG_TESTS=1 to run"))],
+    ids=["eagle3", "eagle3.1-norms"])
 def test_torch_engine_accepts_as_often_as_vllm_and_gives_the_greedy_output(trained, request, tmp_path):
     """The same draft, prompts and greedy float32 decoding in vLLM's EAGLE-3 proposer and in
     specmill's own loop: their acceptance lengths agree within 5%. A disagreement means one of
