@@ -57,6 +57,8 @@ def default_engine() -> str:
 
 @dataclass(kw_only=True, slots=True)
 class CheckConfig:
+    """The check's settings (`specmill export --check-*`)."""
+
     engine: str | None = None  # None: default_engine()
     prompts: Path | None = None  # JSONL as `specmill eval` reads it; None: the run's held-out samples
     num_prompts: int = 4
@@ -79,6 +81,8 @@ class CheckConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CheckResult:
+    """What the check found; written as DIR/check.json."""
+
     passed: bool
     message: str  # what is wrong, or what was measured
     engine: str
@@ -108,12 +112,17 @@ def check_export(draft: Path, checkpoint: Path, config: CheckConfig) -> CheckRes
     if not (target / "config.json").is_file():
         raise ValueError(f"the check needs the target the draft was trained for, and {target} is not a model "
                          "directory: pass --check-target DIR (or --no-check)")
+    from trainer.evaluate import has_tokenizer, is_token_ids
+
+    if config.engine == "vllm" and not has_tokenizer(target):
+        raise ValueError(f"{target} has no tokenizer, which a vLLM server needs: --check-engine torch checks "
+                         "without one")
     work = draft / CHECK_DIR
     work.mkdir(exist_ok=True)
     problems = inspect_export(draft, path)
     prompts, samples, source = _prompts(meta, config)
-    prompts_file = work / "prompts.jsonl"
-    atomic_write_bytes(prompts_file, "".join(json.dumps({"prompt_token_ids": p} if isinstance(p[0], int)
+    prompts_file = work / "prompts.jsonl"  # what was sent, in the rows `specmill eval --prompts` reads
+    atomic_write_bytes(prompts_file, "".join(json.dumps({"prompt_token_ids": p} if is_token_ids(p)
                                                         else {"messages": p}) + "\n" for p in prompts).encode())
     result = CheckResult(passed=False, message="", engine=config.engine, k=k, prompts=source,
                          num_prompts=len(prompts), max_tokens=config.max_tokens, problems=problems)
