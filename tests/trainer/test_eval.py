@@ -62,6 +62,12 @@ def test_prompts_keep_the_turns_before_the_first_answer_and_bad_rows_are_named(t
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n" + '{"msgs": []}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
         load_prompts(bad)
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"prompt_token_ids": [5, 9, 2]}\n{"prompt_token_ids": [5, -1]}\n')
+    with pytest.raises(ValueError, match=r"ids.jsonl:2: prompt_token_ids must be a non-empty list of token ids"):
+        load_prompts(ids)
+    ids.write_text('{"prompt_token_ids": [5, 9, 2]}\n')
+    assert load_prompts(ids) == [[5, 9, 2]]  # sent as they are
 
 
 def test_an_unknown_engine_is_refused_naming_the_engines_there_are(tmp_path):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from shared.cli import main
 from trainer.check import CHANCE_AL, CheckConfig, check_export
 from trainer.checkpoint import latest_checkpoint
+from trainer.export import export
 from trainer.run_layout import STATE_FILE
 from trainer.train import train
 from trainer_fixtures import export_eagle, run_config, save_copy_target, write_self_generated
@@ -108,6 +109,13 @@ def test_a_broken_export_fails_the_check_with_a_message_naming_the_problem(copy_
     for pattern in named:
         assert re.search(pattern, result.message, re.S), (pattern, result.message)
     assert json.loads((draft / "check.json").read_text())["message"] == result.message
+
+
+def test_a_speculators_export_passes_the_same_check(copy_run, tmp_path):
+    draft = export(copy_run, tmp_path / "spec", format="speculators")
+    result = check_export(draft, copy_run, CheckConfig(engine="torch"))
+    assert result.passed and result.problems == [], result.message
+    assert result.acceptance_length > 1.3
 
 
 def test_check_prompts_from_a_file_are_served_and_the_trainer_figure_is_said_to_be_missing(copy_run, tmp_path):
