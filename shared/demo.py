@@ -164,7 +164,11 @@ def _run_steps(config: DemoConfig) -> int:
          "--out", str(run), "--steps", str(config.steps), "--val-samples", str(config.val_samples),
          "--draft-vocab-size", str(config.draft_vocab_size), "--set", f"data.token_budget={config.token_budget}",
          "--set", f"ttt.steps={config.ttt_steps}", "--lr", str(config.lr), "--set", "log_every=20")
-    step("export it in the EAGLE format vLLM loads", "export", str(run), "--format", "eagle", "--out", str(draft))
+    # The export checks itself (on by default): vLLM serves the draft on the prompts of 4 of the
+    # run's held-out conversations, 32 tokens each, and the export fails if vLLM cannot load it
+    # or accepts next to nothing; one server start (~40 s on 2 cores) before the evaluation's.
+    step(f"export it in the EAGLE format vLLM loads, and check it in vLLM (k={config.k})", "export", str(run),
+         "--format", "eagle", "--out", str(draft), "--check-k", str(config.k))
     candidates = w / "eval-candidates.jsonl"
     step(f"take {config.eval_prompts} held-out prompts: evals prompts after the {config.evals_samples} it trained on",
          "factory", "prompts", "--source", "evals", "--skip", str(config.evals_samples),
@@ -259,5 +263,5 @@ def report(results: dict, steps: list[tuple[str, float]], seconds: float, workdi
                  else "on its own TRAINING samples (no held-out split), so not comparable with vLLM's")
         lines.append(f"  the trainer's simulated acceptance length for this draft, {where}: {sim['value']:.2f}")
     lines += ["", f"  artifacts in {workdir}: data/ (shards), train/ (checkpoints, curves.png), "
-              "draft/ (load it in vLLM), eval/ (eval.json, eval.png)"]
+              "draft/ (load it in vLLM; check.json: the export's check), eval/ (eval.json, eval.png)"]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 # flag -> (config field, type, help)
@@ -63,6 +64,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculators: the target model path the config names (default: the run's target path)")
     p.add_argument("--speculative-tokens", type=int, default=None,
                    help="speculators: draft length the config declares (default: the run's TTT steps)")
+    from trainer.check import ENGINES as CHECK_ENGINES, CheckConfig
+
+    check = {f.name: f.default for f in dataclasses.fields(CheckConfig) if f.default is not dataclasses.MISSING}
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="after writing, serve the draft on its target and fail (exit 1, files left in --out, "
+                        "OUT/check.json) if the engine cannot load it, its acceptance length is at chance "
+                        "(<= 1.05) or the files do not match the checkpoint (default: on)")
+    p.add_argument("--check-engine", choices=CHECK_ENGINES, default=check["engine"],
+                   help="vllm (the default where vLLM is installed) or torch (specmill's own loop, the default "
+                        "elsewhere)")
+    p.add_argument("--check-prompts", type=Path, default=check["prompts"], metavar="FILE",
+                   help='JSONL as `specmill eval` reads it (default: the prompts of the run\'s held-out samples)')
+    p.add_argument("--check-num-prompts", type=int, default=check["num_prompts"], metavar="N",
+                   help=f"prompts to serve (default {check['num_prompts']})")
+    p.add_argument("--check-max-tokens", type=int, default=check["max_tokens"], metavar="N",
+                   help=f"tokens to generate per prompt (default {check['max_tokens']})")
+    p.add_argument("--check-k", type=int, default=check["k"], metavar="K",
+                   help="draft tokens per round (default: the run's TTT steps)")
+    p.add_argument("--check-target", type=Path, default=check["target"], metavar="DIR",
+                   help="the target to serve (default: the run's target path)")
     p.set_defaults(func=_cmd_export)
 
     from trainer.evaluate import DTYPES as EVAL_DTYPES, ENGINES, EvalConfig
@@ -75,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "forward, per-position acceptance, tokens/s and speedup (JSON + PNG).")
     p.add_argument("--target", type=Path, required=True, help="target model directory")
     p.add_argument("--draft", type=Path, required=True, help="a draft exported with `specmill export --format eagle`")
-    p.add_argument("--prompts", type=Path, required=True, help='JSONL, one {"messages": [...]} per line')
+    p.add_argument("--prompts", type=Path, required=True,
+                   help='JSONL, one {"messages": [...]} (or {"prompt_token_ids": [...]}) per line')
     p.add_argument("--out", type=Path, required=True, help="directory for eval.json, eval.png and the vLLM logs")
     p.add_argument("--json", dest="json_path", type=Path, default=defaults["json_path"],
                    help="report path (default OUT/eval.json)")
@@ -108,11 +130,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.check import CHECK_FILE, CheckConfig, check_export
     from trainer.export import export
 
+    config = CheckConfig(engine=args.check_engine, prompts=args.check_prompts, num_prompts=args.check_num_prompts,
+                         max_tokens=args.check_max_tokens, k=args.check_k, target=args.check_target) \
+        if args.check else None  # validated before the export is written
     out = export(args.checkpoint, args.out, format=args.format, dtype=args.dtype, verifier=args.verifier,
                  speculative_tokens=args.speculative_tokens)
     print(f"exported to {out}")
+    if config is None:
+        return 0
+    result = check_export(out, args.checkpoint, config)
+    print(f"check: {result.engine} engine, k={result.k}, {result.prompts}, {result.max_tokens} tokens each")
+    if result.acceptance_length is not None:
+        print(f"  acceptance length {result.acceptance_length:.3f}  measured by {result.engine}")
+    if result.simulated_acceptance_length is not None:
+        print(f"  acceptance length {result.simulated_acceptance_length:.3f}  simulated by the trainer on "
+              f"{result.simulated_on}")
+    if not result.passed:
+        print(f"specmill export: check failed: {result.message}\n  the export is left in {out} for inspection; "
+              f"details in {out / CHECK_FILE} (--no-check skips the check)", file=sys.stderr)
+        return 1
+    print(f"check passed ({out / CHECK_FILE})")
     return 0
 
 

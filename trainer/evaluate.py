@@ -54,6 +54,14 @@ _PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
 _SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
 _WARMUP = [{"role": "user", "content": "Say hello."}]
 
+# A prompt: chat messages (the engine renders them with the target's chat template) or token
+# ids (sent as they are: prompts cut from a data set's samples, targets without a tokenizer).
+Prompt = list[dict[str, str]] | list[int]
+
+
+def is_token_ids(prompt: Prompt) -> bool:
+    return bool(prompt) and isinstance(prompt[0], int)
+
 
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
@@ -109,17 +117,22 @@ class WayRun:
     target_forwards: int | None = None  # counted by the torch engine; vLLM does not expose it
 
 
-def load_prompts(path: Path) -> list[list[dict[str, str]]]:
-    """Each JSONL row's messages up to its first assistant turn (the leading system/user turns)."""
-    prompts = []
+def load_prompts(path: Path) -> list[Prompt]:
+    """Each JSONL row's messages up to its first assistant turn (the leading system/user turns),
+    or its `prompt_token_ids` (a row {"prompt_token_ids": [ids]}, vLLM's name for them)."""
+    prompts: list[Prompt] = []
     for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            messages = json.loads(line)["messages"]
+            row = json.loads(line)
+            if isinstance(row, dict) and "prompt_token_ids" in row:
+                prompts.append(_token_ids(row["prompt_token_ids"], f"{path}:{line_no}"))
+                continue
+            messages = row["messages"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{line_no}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}} "
-                             f"({type(e).__name__}: {e})") from None
+                             f"or {{\"prompt_token_ids\": [ids]}} ({type(e).__name__}: {e})") from None
         lead = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
@@ -133,6 +146,13 @@ def load_prompts(path: Path) -> list[list[dict[str, str]]]:
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
+
+
+def _token_ids(ids: Any, where: str) -> list[int]:
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in ids):
+        raise ValueError(f"{where}: prompt_token_ids must be a non-empty list of token ids (ints >= 0), got {ids!r}")
+    return ids
 
 
 def speculative_config(way: str, draft: Path, k: int) -> dict[str, Any] | None:
@@ -162,7 +182,7 @@ def parse_spec_metrics(text: str) -> dict[str, Any]:
     return {**totals, "per_pos": per_pos}
 
 
-def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -> WayRun:
+def run_way(way: str, config: EvalConfig, prompts: list[Prompt]) -> WayRun:
     args = ["--dtype", config.dtype, "--enforce-eager", "--max-model-len", str(config.max_model_len)]
     if (spec := speculative_config(way, config.draft, config.k)) is not None:
         args += ["--speculative-config", json.dumps(spec)]
@@ -172,11 +192,12 @@ def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -
 
     with engine, httpx.Client(base_url=engine.base_url, timeout=config.request_timeout_s) as client:
         served = str(engine.model)  # the launcher serves the model under its path
-        _chat(client, served, _WARMUP, 8)  # the first request pays one-off costs that would skew tokens/s
+        # the first request pays one-off costs that would skew tokens/s
+        _request(client, served, prompts[0][:8] if is_token_ids(prompts[0]) else _WARMUP, 8)
         before = parse_spec_metrics(client.get("/metrics").text)
         started = time.perf_counter()
         with ThreadPoolExecutor(config.concurrency) as pool:
-            futures = [pool.submit(_chat, client, served, messages, config.max_tokens) for messages in prompts]
+            futures = [pool.submit(_request, client, served, prompt, config.max_tokens) for prompt in prompts]
             while not wait(futures, timeout=PROGRESS_EVERY_S).done.issuperset(futures):
                 done = sum(f.done() for f in futures)
                 log.info("eval: %s: %d of %d answers after %.0f s", way, done, len(futures),
@@ -193,13 +214,18 @@ def run_way(way: str, config: EvalConfig, prompts: list[list[dict[str, str]]]) -
                                     for p in positions})
 
 
-def _chat(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
-    response = client.post("/v1/chat/completions", json={"model": model, "messages": messages,
-                                                          "temperature": 0.0, "max_tokens": max_tokens})
+def _request(client: Any, model: str, prompt: Prompt, max_tokens: int) -> tuple[str, int]:
+    """One greedy completion: messages through the chat API, token ids through the completions API."""
+    if is_token_ids(prompt):
+        route, body = "/v1/completions", {"prompt": prompt}
+    else:
+        route, body = "/v1/chat/completions", {"messages": prompt}
+    response = client.post(route, json={"model": model, **body, "temperature": 0.0, "max_tokens": max_tokens})
     if response.status_code != 200:
-        raise RuntimeError(f"vLLM answered {response.status_code} to a chat request: {response.text[:500]}")
-    body = response.json()
-    return body["choices"][0]["message"]["content"] or "", int(body["usage"]["completion_tokens"])
+        raise RuntimeError(f"vLLM answered {response.status_code} to a request to {route}: {response.text[:500]}")
+    choice = response.json()["choices"][0]
+    text = choice["text"] if is_token_ids(prompt) else choice["message"]["content"]
+    return text or "", int(response.json()["usage"]["completion_tokens"])
 
 
 def summarize(run: WayRun, reference: WayRun | None) -> dict[str, Any]:
@@ -243,9 +269,11 @@ def simulated_acceptance_length(draft: Path) -> dict[str, Any]:
 
 
 def aux_layer_ids(draft_dir: Path, num_layers: int) -> tuple[int, ...]:
-    """The export's eagle_aux_hidden_state_layer_ids, else vLLM's default (2, L//2, L-3)."""
-    cfg = json.loads((draft_dir / "config.json").read_text())
-    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
+    """The aux layer ids vLLM reads from the export (export.served_aux_layer_ids), else vLLM's
+    default (2, L//2, L-3)."""
+    from trainer.export import served_aux_layer_ids
+
+    ids = served_aux_layer_ids(json.loads((draft_dir / "config.json").read_text())) \
         or default_aux_layer_ids(num_layers)
     if len(ids) != 3 or not all(0 <= i < num_layers for i in ids):
         raise ValueError(f"{draft_dir}/config.json: eagle_aux_hidden_state_layer_ids {ids} must be 3 ids in "
@@ -253,15 +281,21 @@ def aux_layer_ids(draft_dir: Path, num_layers: int) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                               "tokenizer.model"))
+
+
 def load_engine(config: EvalConfig) -> tuple[Any, Target, Eagle3Draft, set[int]]:
-    """tokenizer, target, draft (sharing the target's embedding) and the EOS ids."""
+    """tokenizer (None when the target directory has none: then prompts must be token ids),
+    target, draft (sharing the target's embedding) and the EOS ids."""
     from transformers import AutoTokenizer
 
     from trainer.export import load_exported
     from trainer.spec_decode import TORCH_DTYPES, Target, load_target_model
 
     dtype = TORCH_DTYPES[config.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(config.target)
+    tokenizer = AutoTokenizer.from_pretrained(config.target) if has_tokenizer(config.target) else None
     model = load_target_model(config.target, dtype)
     text = model.config.get_text_config()
     draft = load_exported(config.draft, dtype=dtype).eval()
@@ -271,20 +305,27 @@ def load_engine(config: EvalConfig) -> tuple[Any, Target, Eagle3Draft, set[int]]
     draft.attach_target_embedding(model.get_input_embeddings().weight)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     return tokenizer, Target(model, aux_layer_ids(config.draft, text.num_hidden_layers)), draft, eos_ids
 
 
-def run_ways(config: EvalConfig, prompts: list[list[dict[str, str]]], ways: tuple[str, ...]) -> dict[str, WayRun]:
-    """Each way on every prompt in turn (batch 1), one model load for all ways."""
+def run_ways(config: EvalConfig, prompts: list[Prompt], ways: tuple[str, ...]) -> dict[str, WayRun]:
+    """Each way on every prompt in turn (batch 1), one model load for all ways. Without a
+    tokenizer in the target directory the texts are the completions' token ids."""
     from tqdm import tqdm
 
     from trainer.spec_decode import EagleProposer, NgramProposer, NoProposer, SpecStats, generate
 
     tokenizer, target, draft, eos_ids = load_engine(config)
-    prompt_ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
-                  for m in prompts]
+    if tokenizer is None and not all(map(is_token_ids, prompts)):
+        raise ValueError(f"{config.target} has no tokenizer to render chat prompts with; give the prompts as "
+                         "token ids ({\"prompt_token_ids\": [...]} rows)")
+    prompt_ids = [p if is_token_ids(p) else
+                  tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"]
+                  for p in prompts]
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None \
+        else (lambda ids: " ".join(map(str, ids)))
     proposers = {"none": NoProposer(), "ngram": NgramProposer(k=config.k, min_n=PROMPT_LOOKUP_MAX,
                                                               max_n=PROMPT_LOOKUP_MAX),
                  "eagle3": EagleProposer(draft, config.k)}
@@ -300,7 +341,7 @@ def run_ways(config: EvalConfig, prompts: list[list[dict[str, str]]], ways: tupl
         seconds = time.perf_counter() - started
         log.info("torch %s: %d tokens in %.1f s, %d target forwards", way, sum(map(len, completions)), seconds,
                  stats.forwards)
-        runs[way] = WayRun(way=way, texts=[tokenizer.decode(c, skip_special_tokens=True) for c in completions],
+        runs[way] = WayRun(way=way, texts=[decode(c) for c in completions],
                            completion_tokens=[len(c) for c in completions], seconds=seconds,
                            drafts=stats.drafts, draft_tokens=stats.draft_tokens, accepted=stats.accepted,
                            accepted_per_pos=dict(enumerate(map(float, stats.accepted_per_pos))),

@@ -23,10 +23,17 @@ the top level (eagle layout), and copies both from the top level of a speculator
 (transformers_utils/configs/speculators/algos.py); absent, it takes them as false, and it
 skips `input_norm.*` weights when norm_before_fc is false.
 
-Aux layer ids. vLLM's `eagle_aux_hidden_state_layer_ids` number the residual stream
-*entering* decoder layer i (= HF `output_hidden_states[i]`). The data set's manifest says
-which convention its ids use; ids in the "layer_output" convention (layer i's output =
-the residual entering layer i + 1) are shifted by one so the export is always in vLLM's.
+Aux layer ids. The two engines read them from different fields, in different numberings:
+
+    vLLM    top-level `eagle_aux_hidden_state_layer_ids` (before `eagle_config`'s): id i is the
+            residual stream *entering* decoder layer i (= HF `output_hidden_states[i]`)
+    SGLang  `eagle_config.eagle_aux_hidden_state_layer_ids` only, as layer *outputs*: it adds 1
+            and captures the residual entering that layer
+
+so the eagle export writes both, the same layers in each engine's numbering. The data set's
+manifest says which convention its ids use; ids in the "layer_output" convention are shifted
+by one to vLLM's. (Which fields each engine reads, and the versions read: tests/trainer/
+test_export_layouts.py.)
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ FORMATS = ("eagle", "speculators")
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 AUX_CONVENTION_NOTE = ("residual_entering_layer: id i is the residual stream entering decoder layer i, "
                        "i.e. HF output_hidden_states[i] (vLLM's numbering)")
+SGLANG_AUX_CONVENTION_NOTE = ("layer_output: id i is the output of decoder layer i, i.e. HF output_hidden_states[i + 1] "
+                              "(SGLang's numbering; the same layers as the top-level ids, minus one)")
 
 
 def tensor_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
@@ -84,6 +93,15 @@ def vllm_aux_layer_ids(ids: list[int], convention: str) -> list[int]:
     if convention == "layer_output":
         return [i + 1 for i in ids]
     raise ValueError(f"unknown aux_layer_convention {convention!r} in the checkpoint's meta.json")
+
+
+def served_aux_layer_ids(config: dict[str, Any]) -> list[int] | None:
+    """The aux layer ids vLLM takes from an exported config.json, in its numbering: the top-level
+    field (both layouts), else `eagle_config`'s (specmill exports before the top-level field);
+    None when neither is there (vLLM then takes its default, (2, L//2, L-3))."""
+    ids = config.get("eagle_aux_hidden_state_layer_ids") \
+        or (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    return None if ids is None else [int(i) for i in ids]
 
 
 def layer_config(arch: DraftArch, dtype: str) -> dict[str, Any]:
@@ -142,6 +160,7 @@ def read_normalisation(config: dict[str, Any]) -> dict[str, bool]:
 
 
 def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
+    aux = vllm_aux_layer_ids(meta["aux_layer_ids"], meta["aux_layer_convention"])
     return {
         "architectures": ["LlamaForCausalLMEagle3"],
         **layer_config(arch, dtype),
@@ -149,11 +168,12 @@ def eagle_config(arch: DraftArch, meta: dict[str, Any], dtype: str) -> dict[str,
         "draft_vocab_size": arch.draft_vocab_size,
         "norm_before_residual": False,
         **normalisation(arch),
-        "eagle_config": {
-            "eagle_aux_hidden_state_layer_ids": vllm_aux_layer_ids(meta["aux_layer_ids"],
-                                                                   meta["aux_layer_convention"]),
+        "eagle_aux_hidden_state_layer_ids": aux,  # vLLM
+        "aux_hidden_state_layer_convention": AUX_CONVENTION_NOTE,
+        "eagle_config": {  # SGLang (vLLM reads the field above first)
+            "eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux],
             "use_aux_hidden_state": True,
-            "aux_hidden_state_layer_convention": AUX_CONVENTION_NOTE,
+            "aux_hidden_state_layer_convention": SGLANG_AUX_CONVENTION_NOTE,
         },
         "specmill": specmill_info(meta),
     }
@@ -321,9 +341,7 @@ def warm_start(model: Eagle3Draft, directory: Path, *, aux_layer_ids: list[int],
     if differ:
         raise ValueError(f"draft.init {directory}: the draft has another shape than this run's: {'; '.join(differ)}; "
                          "set the draft.* sizes and settings to the init's or train from the target's head")
-    config = json.loads((directory / "config.json").read_text())
-    theirs_aux = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
-        or config.get("eagle_aux_hidden_state_layer_ids")
+    theirs_aux = served_aux_layer_ids(json.loads((directory / "config.json").read_text()))
     mine_aux = vllm_aux_layer_ids(aux_layer_ids, aux_layer_convention)
     if theirs_aux is not None and list(theirs_aux) != mine_aux:
         raise ValueError(f"draft.init {directory}: trained on aux layers {list(theirs_aux)}, this data set has "

@@ -40,6 +40,9 @@ def test_the_quick_demo_runs_end_to_end_in_an_empty_home(tmp_path: Path):
     assert load_manifest(work / "data").rows > 0
     results = json.loads((work / "eval" / "eval.json").read_text())
     assert set(results["ways"]) == {"none", "ngram", "eagle3"}
+    # The export checked itself in vLLM on the run's held-out samples, by default.
+    check = json.loads((work / "draft" / "check.json").read_text())
+    assert check["passed"] and check["engine"] == "vllm" and "held-out samples" in check["prompts"], check
     # The exported draft loaded in vLLM and drafted: vLLM counted its proposals.
     eagle = results["ways"]["eagle3"]
     assert eagle["drafts"] > 0 and eagle["acceptance_length"] >= 1.0

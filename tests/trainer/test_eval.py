@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,14 +12,9 @@ import pytest
 
 from shared.hardware import local_device, resolve_model_dtype
 from trainer.evaluate import EvalConfig, WayRun, load_prompts, parse_spec_metrics, run_way, summarize
+from trainer_fixtures import QUESTIONS
 
 REPO = Path(__file__).parents[2]
-AUX_IDS = (2, 15, 27)  # vLLM's default for a 30-layer target: residual entering those layers
-QUESTIONS = [
-    "List the days of the week in order.", "Explain why the sky is blue.", "What is the capital of France?",
-    "Write a short poem about the sea.", "Count from one to twenty in words.", "Describe how to boil an egg.",
-    "Name three primary colours.", "What does a compiler do?",
-]
 EVAL_PROMPTS = ["List the months of the year.", "Explain what a computer is.",
                 "Repeat the word apple five times.", "What is two plus two?"]
 
@@ -69,6 +63,12 @@ def test_prompts_keep_the_turns_before_the_first_answer_and_bad_rows_are_named(t
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n" + '{"msgs": []}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
         load_prompts(bad)
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"prompt_token_ids": [5, 9, 2]}\n{"prompt_token_ids": [5, -1]}\n')
+    with pytest.raises(ValueError, match=r"ids.jsonl:2: prompt_token_ids must be a non-empty list of token ids"):
+        load_prompts(ids)
+    ids.write_text('{"prompt_token_ids": [5, 9, 2]}\n')
+    assert load_prompts(ids) == [[5, 9, 2]]  # sent as they are
 
 
 def test_an_unknown_engine_is_refused_naming_the_engines_there_are(tmp_path):
@@ -88,79 +88,9 @@ def test_each_engine_has_its_own_default_dtype_and_an_explicit_one_wins(tmp_path
     assert make(engine="torch", dtype="bfloat16").dtype == "bfloat16"
 
 
-def build_default_dataset(target: Path, out: Path) -> None:
-    """The target's own greedy answers to QUESTIONS with its real hidden states (via transformers):
-    the factory's output in miniature, small enough to build in minutes on 2 shared cores."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from shared.manifest import DatasetHeader, TargetInfo
-    from shared.shards import Sample, ShardWriter
-
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    cfg = model.config
-    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
-    header = DatasetHeader(
-        target=TargetInfo(name=target.name, config_sha256=digest(target / "config.json"),
-                          tokenizer_sha256=digest(target / "tokenizer.json"),
-                          chat_template_sha256=hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
-                          vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers),
-        hidden_size=cfg.hidden_size, dtype="bfloat16", aux_layer_ids=AUX_IDS,
-        aux_layer_convention="residual_entering_layer", last_hidden_state="pre_norm")
-    with ShardWriter(out, header) as writer, torch.no_grad():
-        for index, question in enumerate(QUESTIONS):
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                   add_generation_prompt=True, return_tensors="pt",
-                                                   return_dict=True)["input_ids"]
-            ids = model.generate(prompt, max_new_tokens=32, do_sample=False)
-            captured = {}
-            hook = model.model.norm.register_forward_hook(lambda mod, args, o: captured.update(pre_norm=args[0]))
-            try:
-                hidden = model(ids, output_hidden_states=True).hidden_states
-            finally:
-                hook.remove()
-            n = ids.shape[1]
-            mask = torch.zeros(n, dtype=torch.uint8)
-            mask[prompt.shape[1]:] = 1
-            writer.add(Sample(sample_id=f"default-{index}", source_index=index, input_ids=ids[0].int(),
-                              loss_mask=mask,
-                              aux_hidden_states=torch.stack([hidden[i][0] for i in AUX_IDS], 1).bfloat16(),
-                              last_hidden_state=captured["pre_norm"][0].bfloat16().contiguous()))
-        writer.close()
-
-
-def train_default_draft(root: Path, *flags: str) -> tuple[Path, Path]:
-    """The default target and a draft trained briefly on its own answers (`specmill train` with
-    `flags` added), exported in the eagle layout."""
-    from factory.default_model import DefaultModelConfig, prepare_default
-
-    target = prepare_default(DefaultModelConfig(engine_check=False))
-    build_default_dataset(target, root / "data")
-    trained = specmill("train", "--data", str(root / "data"), "--target", str(target), "--out", str(root / "run"),
-                       "--steps", "30", "--device", "cpu", "--token-budget", "512", "--draft-vocab-size", "2048",
-                       "--ttt-steps", "3", "--lr", "1e-3", "--precision", "fp32", "--no-progress", *flags)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    exported = specmill("export", str(root / "run"), "--format", "eagle", "--out", str(root / "draft"))
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    return target, root / "draft"
-
-
-@pytest.fixture(scope="module")
-def default_draft(tmp_path_factory) -> tuple[Path, Path]:
-    return train_default_draft(tmp_path_factory.mktemp("eval"))
-
-
-@pytest.fixture(scope="module")
-def normed_default_draft(tmp_path_factory) -> tuple[Path, Path]:
-    """The same with both EAGLE 3.1 norms on (draft.norm_before_fc, draft.norm_output)."""
-    return train_default_draft(tmp_path_factory.mktemp("eval-normed"), "--set", "draft.norm_before_fc=true",
-                               "--set", "draft.norm_output=true")
-
-
 @pytest.mark.slow
 def test_eval_serves_three_ways_and_reports_acceptance_and_speedup(default_draft, tmp_path):
-    target, draft = default_draft
+    target, draft = default_draft.target, default_draft.draft
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
                                for q in EVAL_PROMPTS))
@@ -202,7 +132,8 @@ def test_torch_engine_accepts_as_often_as_vllm_and_gives_the_greedy_output(train
     and with the EAGLE 3.1 norms whether vLLM reads them from the export as trained)."""
     from trainer.evaluate import run_ways
 
-    target, draft = request.getfixturevalue(trained)
+    drafted = request.getfixturevalue(trained)
+    target, draft = drafted.target, drafted.draft
     prompts_path = tmp_path / "prompts.jsonl"
     prompts_path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
                                     for q in CROSS_CHECK_PROMPTS))

@@ -39,9 +39,13 @@ def test_export_writes_every_tensor_with_its_shape_and_the_config_engines_read(t
             config["num_key_value_heads"], config["head_dim"]) == (64, 128, 4, 2, 16)
     assert (config["vocab_size"], config["draft_vocab_size"], config["torch_dtype"]) == (512, 128, "bfloat16")
     assert config["rope_theta"] == 10000.0 and config["max_position_embeddings"] == 512
-    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    # the same layers in each engine's numbering: vLLM reads the top level (residual entering layer
+    # i), SGLang eagle_config's (layer outputs, to which it adds 1)
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert "residual_entering_layer" in config["aux_hidden_state_layer_convention"]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
     assert config["eagle_config"]["use_aux_hidden_state"] is True
-    assert "residual_entering_layer" in config["eagle_config"]["aux_hidden_state_layer_convention"]
+    assert "layer_output" in config["eagle_config"]["aux_hidden_state_layer_convention"]
     assert (config["norm_before_fc"], config["norm_output"]) == (False, False)  # plain EAGLE-3 by default
     shapes = tensor_shapes(DraftArch(**{k: config[k] for k in DraftArch.__slots__}))
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
@@ -230,7 +234,7 @@ def test_a_warm_start_from_a_draft_of_another_shape_or_layers_is_refused_by_name
     with pytest.raises(ValueError, match=r"intermediate_size 128 \(run: 64\)"):
         _setup(tmp_path / "a", real_data, tiny_target, **{"draft.init": init, "draft.intermediate_size": 64})
     config = json.loads((init / "config.json").read_text())
-    config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [0, 1, 2]
+    config["eagle_aux_hidden_state_layer_ids"] = [0, 1, 2]  # the ids vLLM reads
     (init / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"aux layers \[0, 1, 2\].*\[1, 2, 3\]"):
         _setup(tmp_path / "b", real_data, tiny_target, **{"draft.init": init})

@@ -148,7 +148,8 @@ def run_quality(config: QualityConfig) -> dict:
          *(("--init", str(config.init)) if config.init is not None else ()),
          *(("--temperatures", *(f"{t:g}" for t in config.train_temperatures))
            if config.train_temperatures is not None else ()))
-    step("export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(draft),
+    # --no-check: the evaluation below serves the draft in vLLM in full
+    step("export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(draft), "--no-check",
          done=draft / "config.json")
     step(f"evaluate in vLLM on {config.heldout} held-out prompts: none vs eagle3 (k={config.k}) vs n-gram", "eval",
          "--target", model, "--draft", str(draft), "--prompts", str(heldout), "--out", str(evaluation),

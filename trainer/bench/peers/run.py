@@ -180,7 +180,9 @@ def train_specmill(config: PeersConfig, step: Steps, model: Path, data: Path, w:
          "--target", str(model), "--out", str(run), "--steps", str(stats["specmill_steps"]), "--lr", str(config.lr),
          "--token-budget", str(config.token_budget), "--ttt-steps", str(config.ttt_steps), "--log-every", "50",
          "--no-progress")
-    step("specmill: export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(out),
+    # --no-check: every peer's draft is served in vLLM in full later, and a check's server start
+    # would count in specmill's training time here
+    step("specmill: export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(out), "--no-check",
          done=out / "config.json")
     d.train_seconds, d.directory = round(time.monotonic() - t0, 1), out
     return d
