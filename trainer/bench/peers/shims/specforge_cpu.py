@@ -11,6 +11,11 @@ Shims, each for one GPU assumption met on a 2-core CPU machine:
      -sum_v p(v) log softmax(z)(v) in fp32, zero where the position mask is 0, averaged over
      all B*T positions (the kernel's reduction; its hand-written backward is this formula's
      gradient).
+  F3 target head precision: SpecForge casts its frozen target head (the target's lm_head,
+     which gives the target distribution the loss matches) to bf16 whatever the run's
+     `model.torch_dtype`. On a CPU without native bf16 - where bench peers sets
+     `model.torch_dtype: float32` - that one bf16 matmul per sample takes torch's slow reference
+     path, and its bf16 output meets float32 states; the head is kept in the run's dtype.
 """
 
 import os
@@ -40,6 +45,27 @@ def _patch() -> None:
         module = importlib.import_module(name)
         if hasattr(module, "LogSoftmaxLoss"):
             module.LogSoftmaxLoss = TorchSoftCrossEntropy  # F2
+    dtype = _run_dtype()
+    if dtype is not None and dtype != torch.bfloat16:
+        from specforge.modeling.target.target_head import TargetHead
+
+        loaded = TargetHead.from_pretrained.__func__
+
+        def in_run_dtype(cls, *args, **kwargs):
+            return loaded(cls, *args, **kwargs).to(dtype)  # F3
+
+        TargetHead.from_pretrained = classmethod(in_run_dtype)
+
+
+def _run_dtype() -> torch.dtype | None:
+    """`model.torch_dtype` of the run config given as `train --config FILE` (JSON), if any."""
+    import json
+
+    if "--config" not in sys.argv:
+        return None
+    config = json.loads(open(sys.argv[sys.argv.index("--config") + 1]).read())
+    name = (config.get("model") or {}).get("torch_dtype")
+    return getattr(torch, name) if name else None
 
 
 if __name__ == "__main__":
