@@ -175,16 +175,19 @@ def train_specmill(config: PeersConfig, step: Steps, model: Path, data: Path, w:
                 "ttt_steps": config.ttt_steps, "draft_vocab": stats["draft_vocab"], "optimizer": "AdamW (cosine)",
                 "step_decay": 0.8, "mask": "predicted token generated (mask[t+2])"}
     d = Draft(name="specmill", trainer="specmill", recipe="specmill", settings=settings)
+    timed = run / "train-seconds.json"  # the training's own time, kept for a resumed bench
     t0 = time.monotonic()
     step(f"specmill: train {stats['specmill_steps']} steps ({config.epochs} epochs)", "train", "--data", str(data),
          "--target", str(model), "--out", str(run), "--steps", str(stats["specmill_steps"]), "--lr", str(config.lr),
          "--token-budget", str(config.token_budget), "--ttt-steps", str(config.ttt_steps), "--log-every", "50",
-         "--no-progress")
+         "--no-progress", done=timed)
+    if not timed.is_file():
+        _write_json(timed, {"train_seconds": round(time.monotonic() - t0, 1)})
     # --no-check: every peer's draft is served in vLLM in full later, and a check's server start
     # would count in specmill's training time here
     step("specmill: export (EAGLE format)", "export", str(run), "--format", "eagle", "--out", str(out), "--no-check",
          done=out / "config.json")
-    d.train_seconds, d.directory = round(time.monotonic() - t0, 1), out
+    d.train_seconds, d.directory = json.loads(timed.read_text())["train_seconds"], out
     return d
 
 
