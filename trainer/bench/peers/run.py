@@ -229,14 +229,14 @@ def train_peer(peer: str, config: PeersConfig, model: Path, data: Path, w: Path,
 
 def converted(peer: str, alignment: str, data: Path, w: Path, model: Path) -> Path:
     """The data set in `peer`'s format (made once; the matched copy shares speculators' states)."""
-    from trainer.bench.peers import convert
-
     import torch
+
+    from trainer.bench.peers import convert
 
     # SpecForge feeds the stored states to its draft as they are: they are stored in the dtype
     # the draft computes in (float32 an exact widening of the shards' bf16)
-    dtype = getattr(torch, compute_dtype())
-    out = w / "peer-data" / (f"{peer}-{alignment}" + (f"-{compute_dtype()}" if peer == "specforge" else ""))
+    dtype = compute_dtype()
+    out = w / "peer-data" / (f"{peer}-{alignment}" + (f"-{dtype}" if peer == "specforge" else ""))
     if (out / "specmill-conversion.json").is_file():
         return out
     log.info("convert the shards for %s (%s loss mask)", peer, alignment)
@@ -245,7 +245,7 @@ def converted(peer: str, alignment: str, data: Path, w: Path, model: Path) -> Pa
         share = native if alignment != "native" and (native / "specmill-conversion.json").is_file() else None
         convert.to_speculators(data, out, alignment=alignment, hidden_states_from=share)
     else:
-        convert.to_specforge(data, out, target=model, alignment=alignment, dtype=dtype)
+        convert.to_specforge(data, out, target=model, alignment=alignment, dtype=getattr(torch, dtype))
     return out
 
 
